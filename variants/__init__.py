@@ -1,0 +1,38 @@
+"""LoRA-family adapters for any transformers causal LM: one spec, composable parts.
+
+    import variants
+    spec = variants.AdapterSpec.from_preset("dora", r=16, alpha=32, target_modules="q_proj,v_proj")
+    adapted = variants.build(model, spec)           # model modified in place; only adapters train
+    adapted.print_trainable_parameters()
+    records = variants.train(adapted, batches, variants.TrainSettings(steps=100, lr=1e-3))
+    variants.save(adapted, "out/adapter")           # adapter_config.json + adapter.safetensors
+    variants.export_peft(adapted, "out/peft")       # loads with peft.PeftModel.from_pretrained
+
+Methods (presets): lora, rslora, dora, vera, lora_fa, lora_plus, delta_lora.
+Parts by slot: `variants.parts.names(slot)`; see shared design notes in the README.
+"""
+
+from . import registry  # noqa: F401  (registers every part)
+from .core import AdapterLayer
+from .io import export_peft, file_bytes, load, save
+from .model import AdaptedModel, build
+from .parts import SLOTS, Option, Part, names as part_names, part_class, register
+from .spec import PRESETS, AdapterSpec
+from .training import NonFiniteLossError, StepRecord, TrainSettings, train
+
+
+def names() -> list[str]:
+    """The named methods (presets), sorted."""
+    return sorted(PRESETS)
+
+
+def get(name: str, **overrides) -> AdapterSpec:
+    """The spec of a named method, with overrides (`get("vera", r=64)`)."""
+    return AdapterSpec.from_preset(name, **overrides)
+
+
+__all__ = [
+    "AdaptedModel", "AdapterLayer", "AdapterSpec", "NonFiniteLossError", "Option", "PRESETS", "Part", "SLOTS",
+    "StepRecord", "TrainSettings", "build", "export_peft", "file_bytes", "get", "load", "names", "part_class",
+    "part_names", "register", "save", "train",
+]

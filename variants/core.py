@@ -1,0 +1,138 @@
+"""AdapterLayer: the wrapper every layer kind builds around a frozen linear layer.
+
+Conventions (shared/VARIANTS.md §0): the base weight W0 is (out, in) as in `nn.Linear`;
+GPT-2's `Conv1D` stores it transposed, (in, out) ("fan_in_fan_out"). A layer keeps the
+base module untouched as `base_layer` and works with two views of its weight:
+
+- `base_weight_native()`: the tensor exactly as the base module uses it (dequantized if
+  the base is quantized), so a merged weight can be built in the same memory layout and
+  the adapted forward equals the base forward bit for bit when the update is zero;
+- `base_weight()`: the same weight as (out, in).
+
+Merge writes W0 + ΔW into the base weight and unmerge takes it out again; each layer kind
+defines ΔW (`delta_weight`) and, if its merge is not additive (DoRA), the pair
+`merged_weight` / `unmerged_weight`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+CONV1D = _conv1d_class()
+SUPPORTED_BASE_LAYERS: tuple[type, ...] = tuple(t for t in (nn.Linear, CONV1D) if t is not None)
+
+
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    """True for layers whose weight is stored (in, out), like GPT-2's Conv1D."""
+    return CONV1D is not None and isinstance(module, CONV1D)
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer."""
+    weight = module.weight
+    if is_fan_in_fan_out(module):
+        return weight.shape[0], weight.shape[1]
+    return weight.shape[1], weight.shape[0]
+
+
+class AdapterLayer(nn.Module):
+    """Base class: holds the frozen `base_layer`, the dropout rate and the merge state.
+
+    Subclasses declare `adapter_parameters` (names of their trainable tensors, saved with
+    the adapter) and implement `forward_unmerged` and `delta_weight`.
+    """
+
+    adapter_parameters: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_fan_in_fan_out(base_layer)
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.dropout = float(dropout)
+        self.merged = False
+
+    # ----- base weight access ---------------------------------------------------------------
+    def base_weight_native(self) -> torch.Tensor:
+        """The base weight in the base module's own layout (dequantized if quantized)."""
+        return self.base_layer.weight
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in)."""
+        w = self.base_weight_native()
+        return w.t() if self.fan_in_fan_out else w
+
+    def base_bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def to_native(self, weight_out_in: torch.Tensor) -> torch.Tensor:
+        """An (out, in) matrix in the base module's layout."""
+        return weight_out_in.t() if self.fan_in_fan_out else weight_out_in
+
+    def write_base_weight(self, weight_out_in: torch.Tensor) -> None:
+        """Overwrite the base weight with an (out, in) matrix (merge, Delta-LoRA, LoftQ)."""
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.to_native(weight_out_in))
+
+    # ----- forward ----------------------------------------------------------------------------
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """drop(x) for the adapter path while training, or None when it is x itself."""
+        if self.training and self.dropout > 0.0:
+            return F.dropout(x, p=self.dropout, training=True)
+        return None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.forward_unmerged(x)
+
+    def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ----- merge --------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """ΔW as (out, in), in the adapter's dtype."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + ΔW as (out, in)."""
+        w = self.base_weight()
+        return w + self.delta_weight().to(w.dtype)
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """The inverse of `merged_weight` given the merged (out, in) weight."""
+        return merged - self.delta_weight().to(merged.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("this adapter layer is already merged")
+        self.write_base_weight(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("this adapter layer is not merged")
+        self.write_base_weight(self.unmerged_weight(self.base_weight()))
+        self.merged = False
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that define this layer's adapter (saved and loaded)."""
+        return {name: getattr(self, name) for name in self.adapter_parameters}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dropout={self.dropout}, merged={self.merged}"

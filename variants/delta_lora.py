@@ -1,0 +1,123 @@
+"""Delta-LoRA — Zi et al. 2023, "Delta-LoRA: Fine-Tuning High-Rank Parameters with the
+Delta of Low-Rank Matrices", arXiv 2309.02411 (Algorithm 1).
+
+The model is LoRA without dropout on the adapter path (so that ∂L/∂W = ∂L/∂(sBA)); the
+optimizer trains A and B, and after every optimizer step t at or past the start step K
+the frozen weight moves by the change of the low-rank product:
+
+    W ← W + λ · s · (B_{t+1} A_{t+1} − B_t A_t),     λ = `delta_update_ratio`
+
+W gets no gradient and no optimizer state. The sum telescopes: after the last step T,
+W_T = W_K + λ·s·(B_T A_T − B_K A_K), where (B_K, A_K) are the factors just before the
+first update — so a saved adapter stores (B_K, A_K) beside (B_T, A_T) and rebuilds W_T
+from the original weights on load, instead of a full copy of W. Merge gives W_T + s·B_T A_T.
+
+The update is one fused GEMM per layer: [B_{t+1} | B_t] @ [A_{t+1} ; −A_t] added into W.
+A base kept in bf16/fp16 would lose small deltas, so for such a base the update is
+accumulated in fp32 with a per-layer residual (what rounding to the base dtype dropped
+is carried into the next step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .parts import Option, Part, register
+
+
+@register
+class DeltaLoRA(Part):
+    slot = "step"
+    name = "delta_lora"
+    idea = "after each step, also move W by λ times the change of s·BA"
+    peft_exportable = False  # the base weights change; PEFT's LoRA format cannot say so
+    options = {
+        "delta_update_ratio": Option(2.0, float, lambda v: v > 0, "> 0", "λ, the update ratio"),
+        "delta_start_step": Option(0, int, lambda v: v >= 0, ">= 0", "K, first step (0-based) that updates W"),
+    }
+    requires = {
+        "layer": (frozenset({"lora"}), "the W update λ·s·Δ(BA) is defined for a plain LoRA pair"),
+        "base": (frozenset({"full"}), "Delta-LoRA writes the base weights, which a quantized base cannot hold"),
+    }
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._residual: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        super().check_spec(spec)
+        if spec.dropout != 0.0:
+            raise ValueError(
+                f"incompatible combination: step=delta_lora with dropout={spec.dropout}: Delta-LoRA removes "
+                "dropout from the adapter path so that the gradient of W equals that of s·BA"
+            )
+
+    def _active(self, step: int) -> bool:
+        return step >= self.opts.delta_start_step
+
+    @torch.no_grad()
+    def before_optimizer_step(self, adapted, step: int) -> None:
+        if not self._active(step):
+            return
+        for name, layer in adapted.layers.items():
+            pair = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+            self._before[name] = pair
+            self.reference.setdefault(name, pair)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, adapted, step: int) -> None:
+        if not self._active(step):
+            return
+        coeff = self.opts.delta_update_ratio * adapted.spec.scale
+        for name, layer in adapted.layers.items():
+            a_old, b_old = self._before.pop(name)
+            self._add_to_weight(name, layer, torch.cat([layer.lora_B, b_old], 1), torch.cat([layer.lora_A, -a_old], 0), coeff)
+
+    def _add_to_weight(self, name, layer, b_cat: torch.Tensor, a_cat: torch.Tensor, coeff: float) -> None:
+        """W += coeff · b_cat @ a_cat, accumulated in fp32 when the base weight is lower precision."""
+        w = layer.base_layer.weight
+        if w.dtype in (torch.float32, torch.float64):
+            if layer.fan_in_fan_out:
+                w.addmm_(a_cat.t().to(w.dtype), b_cat.t().to(w.dtype), alpha=coeff)
+            else:
+                w.addmm_(b_cat.to(w.dtype), a_cat.to(w.dtype), alpha=coeff)
+            return
+        delta = (b_cat.float() @ a_cat.float()) * coeff
+        exact = layer.base_weight().float() + delta + self._residual.get(name, 0.0)
+        layer.write_base_weight(exact.to(w.dtype))
+        self._residual[name] = exact - layer.base_weight().float()
+
+    # ----- persistence: (B_K, A_K) let a saved adapter rebuild W_T from the original W --------
+    def adapter_tensors(self, adapted) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (a_ref, b_ref) in self.reference.items():
+            out[f"{name}.reference_A"] = a_ref
+            out[f"{name}.reference_B"] = b_ref
+        return out
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, adapted, tensors: dict[str, torch.Tensor]) -> None:
+        names = {key.rsplit(".", 1)[0] for key in tensors}
+        unknown = names - set(adapted.layers)
+        if unknown:
+            raise ValueError(f"Delta-LoRA reference factors for unknown layers: {sorted(unknown)[:5]}")
+        coeff = self.opts.delta_update_ratio * adapted.spec.scale
+        for name in sorted(names):
+            layer = adapted.layers[name]
+            a_ref = tensors[f"{name}.reference_A"].to(layer.lora_A)
+            b_ref = tensors[f"{name}.reference_B"].to(layer.lora_B)
+            self.reference[name] = (a_ref, b_ref)
+            # W_T = W_0 + λ·s·(B_T A_T − B_K A_K)
+            self._add_to_weight(name, layer, torch.cat([layer.lora_B, b_ref], 1), torch.cat([layer.lora_A, -a_ref], 0), coeff)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": dict(self.reference), "residual": dict(self._residual)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = dict(state.get("reference", {}))
+        self._residual = dict(state.get("residual", {}))

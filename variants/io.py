@@ -1,0 +1,150 @@
+"""Adapter files: our own format, and PEFT's for the methods PEFT has.
+
+Our format is a folder with `adapter_config.json` (format tag, the full spec, the adapted
+layer names) and `adapter.safetensors` (only adapter tensors). `load` rebuilds the
+adapter on a fresh copy of the same base model from those two files alone.
+
+`export_peft` writes `adapter_config.json` + `adapter_model.safetensors` as PEFT 0.21
+names them (peft_type LORA with use_rslora / use_dora, or VERA), so that
+`PeftModel.from_pretrained(base, folder)` reproduces our logits. Methods PEFT lacks, or
+whose result a PEFT adapter cannot express (Delta-LoRA changes the base weights), are
+refused with a message that says why.
+
+Writes are atomic: files go to a temporary sibling folder that replaces the target
+only once complete, so a crash never leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .model import AdaptedModel, build
+from .spec import AdapterSpec
+
+FORMAT = "lora-variants-workbench/adapter/1"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a fresh temporary folder, then move it to `directory` in one rename."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save(adapted: AdaptedModel, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Save the adapter (config + tensors) to `directory`, atomically."""
+    config = {
+        "format": FORMAT,
+        "spec": adapted.spec.to_dict(),
+        "layers": list(adapted.layers),
+        "metadata": metadata or {},
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(_contiguous(adapted.adapter_state_dict()), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    return write_folder_atomically(directory, write)
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter config at {path}")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an adapter of this library (format {config.get('format')!r}, expected {FORMAT!r})")
+    return config
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
+    """Rebuild a saved adapter on `model` (a fresh copy of the base it was trained on)."""
+    config = read_config(directory)
+    spec = AdapterSpec.from_dict(config["spec"])
+    adapted = build(model, spec)
+    if list(adapted.layers) != config["layers"]:
+        raise ValueError(f"the adapter was saved for layers {config['layers'][:3]}..., this model's targets are "
+                         f"{list(adapted.layers)[:3]}...")
+    adapted.load_adapter_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME)))
+    return adapted
+
+
+def file_bytes(directory: str | os.PathLike) -> int:
+    """Size of a saved adapter's tensor file in bytes."""
+    return (Path(directory) / WEIGHTS_NAME).stat().st_size
+
+
+# ----- PEFT format -----------------------------------------------------------------------------------
+def peft_config(adapted: AdaptedModel) -> dict[str, Any]:
+    """PEFT's adapter_config.json for this adapter (PEFT fills the fields we omit with its defaults)."""
+    spec = adapted.spec
+    blockers = [f"{p.slot}={p.name}" for p in adapted.parts if not p.peft_exportable]
+    if adapted.layer_kind.peft_type is None or blockers:
+        why = ", ".join(blockers) or f"layer={spec.layer}"
+        raise ValueError(f"{spec.label} cannot be exported in PEFT's format ({why} has no PEFT equivalent)")
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in adapted.layers.values())
+    common = {"target_modules": sorted(adapted.layers), "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+              "inference_mode": True, "task_type": None, "base_model_name_or_path": None,
+              "modules_to_save": None}
+    if adapted.layer_kind.peft_type == "VERA":
+        opts = adapted.layer_kind.opts
+        return {**common, "peft_type": "VERA", "r": spec.r, "vera_dropout": spec.dropout,
+                "d_initial": opts.d_initial, "projection_prng_key": opts.projection_prng_key,
+                "save_projection": opts.save_projection, "init_weights": True}
+    return {**common, "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+            "use_rslora": spec.scaling == "rslora", "use_dora": spec.layer == "dora", "init_lora_weights": True}
+
+
+def peft_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
+    """Our tensors under PEFT's saved key names."""
+    names = adapted.layer_kind.peft_names
+    out: dict[str, torch.Tensor] = {}
+    for layer_name, layer in adapted.layers.items():
+        for key, tensor in layer.adapter_state().items():
+            out[f"base_model.model.{layer_name}.{names[key]}"] = tensor
+    if adapted.layer_kind.peft_type == "VERA" and adapted.layer_kind.opts.save_projection:
+        (projections,) = adapted.layer_kind.shared_modules().values()
+        out["base_model.vera_A"] = projections.A
+        out["base_model.vera_B"] = projections.B
+    return out
+
+
+def export_peft(adapted: AdaptedModel, directory: str | os.PathLike) -> Path:
+    """Write the adapter in PEFT's format (atomically)."""
+    config = peft_config(adapted)
+    tensors = _contiguous(peft_state_dict(adapted))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    return write_folder_atomically(directory, write)

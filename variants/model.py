@@ -1,0 +1,250 @@
+"""Build adapters on a model from a spec, and the handle that drives them.
+
+`build(model, spec)` checks everything first (spec, target patterns, shapes), then
+replaces each targeted linear layer in place with its adapter layer, freezes every
+base parameter and lets each part configure itself. The model stays an ordinary
+`transformers` model: call it, generate with it, as before.
+
+The returned `AdaptedModel` is the single entry point a training loop needs. Its hook
+methods call the hook of every part of the spec, in slot order; the loop never asks
+which variant it trains:
+
+    opt = adapted.optimizer(lr=..., weight_decay=...)    # parts shape the groups, the optimizer part builds it
+    loss = model(**batch).loss + adapted.extra_loss(step)
+    loss.backward(); clip
+    adapted.before_optimizer_step(step); opt.step(); adapted.after_optimizer_step(step)
+    opt.zero_grad()
+    ...
+    adapted.finalize()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .core import AdapterLayer
+from .layer_kind import LayerKind
+from .parts import Part
+from .spec import AdapterSpec
+from .targets import find_targets, replace_module
+
+
+class AdaptedModel:
+    """A model with adapter layers, its spec, and the parts that implement the spec."""
+
+    def __init__(self, model: nn.Module, spec: AdapterSpec, layers: dict[str, AdapterLayer], parts: list[Part]):
+        self.model = model
+        self.spec = spec
+        self.layers = layers
+        self.parts = parts
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AdaptedModel({self.spec.label}, {len(self.layers)} layers, {self.trainable_summary()})"
+
+    # ----- parts ----------------------------------------------------------------------------------
+    def part(self, slot: str) -> Part:
+        for p in self.parts:
+            if p.slot == slot:
+                return p
+        raise KeyError(slot)  # pragma: no cover - every slot has a part
+
+    @property
+    def layer_kind(self) -> LayerKind:
+        return self.part("layer")  # type: ignore[return-value]
+
+    # ----- parameters -----------------------------------------------------------------------------
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's `get_nb_trainable_parameters`."""
+        trainable = total = 0
+        for p in self.model.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def trainable_summary(self) -> str:
+        trainable, total = self.parameter_counts()
+        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_summary())
+
+    def iter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        return iter(self.layers.items())
+
+    # ----- merge ----------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.layers.values())
+
+    def merge(self) -> None:
+        """Write every layer's update into its base weight (forward then costs nothing extra)."""
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def unload(self) -> nn.Module:
+        """Put the base layers back (merged or not) and drop shared modules; returns the model."""
+        for name, layer in self.layers.items():
+            replace_module(self.model, name, layer.base_layer)
+        for attr in self.layer_kind.shared_modules():
+            if hasattr(self.model, attr):
+                delattr(self.model, attr)
+        self.layers = {}
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        self.merge()
+        return self.unload()
+
+    # ----- training hooks -------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups after every part had its say (`names` kept for bookkeeping)."""
+        named = self.named_trainable_parameters()
+        groups = [{"params": [p for _, p in named], "names": [n for n, _ in named]}]
+        for part in self.parts:
+            groups = part.param_groups(self, groups)
+        return [g for g in groups if g["params"]]
+
+    def optimizer(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8) -> torch.optim.Optimizer:
+        """The optimizer this spec trains with (AdamW, LoRA+ groups, LoRA-FA's projected AdamW, ...)."""
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"learning rate must be a positive number, got {lr!r}")
+        if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        groups = self.param_groups()
+        if not groups:
+            raise ValueError(f"{self.spec.label}: the model has no trainable adapter tensors")
+        return self.part("optimizer").make_optimizer(  # type: ignore[attr-defined]
+            self, groups, lr=float(lr), weight_decay=float(weight_decay), betas=betas, eps=eps)
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        """Sum of the parts' extra loss terms, or None when no part adds one."""
+        total = None
+        for part in self.parts:
+            term = part.extra_loss(self, step)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
+
+    def before_optimizer_step(self, step: int) -> None:
+        for part in self.parts:
+            part.before_optimizer_step(self, step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        for part in self.parts:
+            part.after_optimizer_step(self, step)
+
+    def finalize(self) -> None:
+        for part in self.parts:
+            part.finalize(self)
+
+    def hooks_state_dict(self) -> dict[str, Any]:
+        return {part.slot: part.state_dict() for part in self.parts}
+
+    def load_hooks_state_dict(self, state: Mapping[str, Any]) -> None:
+        for part in self.parts:
+            part.load_state_dict(state.get(part.slot, {}))
+
+    # ----- adapter tensors --------------------------------------------------------------------------
+    # Keys: "<layer name>.<tensor>" for layer tensors, "@shared.<module>.<tensor>" for modules
+    # shared by all layers (VeRA's projections), "@<slot>.<key>" for a part's own tensors.
+    # "@" never occurs in a module name, so the three namespaces cannot collide.
+    def adapter_state_dict(self, include_shared: bool | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor that defines the adapter (shared modules only if the layer kind saves them)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            for key, tensor in layer.adapter_state().items():
+                out[f"{name}.{key}"] = tensor.detach()
+        if include_shared is None:
+            include_shared = bool(getattr(self.layer_kind.opts, "save_projection", True))
+        if include_shared:
+            for attr, module in self.layer_kind.shared_modules().items():
+                for key, tensor in module.state_dict().items():
+                    out[f"@shared.{attr}.{key}"] = tensor.detach()
+        for part in self.parts:
+            for key, tensor in part.adapter_tensors(self).items():
+                out[f"@{part.slot}.{key}"] = tensor.detach()
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load what `adapter_state_dict` produced; names and shapes must match exactly.
+
+        Shared modules are optional in the file (they are regenerated from their seed when
+        absent); part tensors are handed to their part after the layer tensors are in place.
+        """
+        layer_targets = {f"{n}.{k}": t for n, layer in self.layers.items() for k, t in layer.adapter_state().items()}
+        shared_targets = {f"@shared.{attr}.{k}": t for attr, module in self.layer_kind.shared_modules().items()
+                          for k, t in module.state_dict().items()}
+        part_slots = {p.slot for p in self.parts}
+        part_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        missing = sorted(set(layer_targets) - set(tensors))
+        unexpected = []
+        for key, value in tensors.items():
+            target = layer_targets.get(key, shared_targets.get(key))
+            if target is not None:
+                if tuple(value.shape) != tuple(target.shape):
+                    raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, "
+                                     f"this model needs {tuple(target.shape)}")
+                target.copy_(value.to(target.dtype))
+                continue
+            slot, _, rest = key[1:].partition(".") if key.startswith("@") else ("", "", "")
+            if slot in part_slots and rest:
+                part_tensors.setdefault(slot, {})[rest] = value
+            else:
+                unexpected.append(key)
+        if missing or unexpected:
+            raise ValueError(f"adapter tensors do not match this model and spec: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}")
+        for part in self.parts:
+            part.load_adapter_tensors(self, part_tensors.get(part.slot, {}))
+
+
+def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any]) -> AdaptedModel:
+    """Add the adapter described by `spec` to `model` (in place) and return its handle.
+
+    All validation happens before the first module is replaced: on any error the model is
+    left exactly as it was.
+    """
+    if not isinstance(spec, AdapterSpec):
+        spec = AdapterSpec.from_dict(spec)
+    targets = find_targets(model, spec.target_modules)
+    parts = [cls(spec) for cls in spec.part_classes()]
+    by_slot = {p.slot: p for p in parts}
+    layer_kind: LayerKind = by_slot["layer"]  # type: ignore[assignment]
+    base_part = by_slot["base"]
+    for name, module in targets:
+        base_part.check_target(name, module)  # type: ignore[attr-defined]
+    layer_kind.prepare(model, targets)
+
+    # From here on the model changes.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, AdapterLayer] = {}
+    for name, module in targets:
+        layer = layer_kind.create(name, base_part.convert(name, module))  # type: ignore[attr-defined]
+        replace_module(model, name, layer)
+        layers[name] = layer
+    for attr, module in layer_kind.shared_modules().items():
+        model.add_module(attr, module)
+    adapted = AdaptedModel(model, spec, layers, parts)
+    for part in parts:
+        part.configure(adapted)
+    return adapted

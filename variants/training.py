@@ -1,0 +1,147 @@
+"""The reference training loop: the one place that calls every hook, for every variant.
+
+    for each step t:
+        loss = task loss + Σ parts' extra_loss(t)            (AdaLoRA's orthogonality term, ...)
+        stop if loss is not finite
+        backward; clip the gradient norm; stop if it is not finite
+        before_optimizer_step(t)                             (Delta-LoRA snapshots B, A)
+        optimizer.step()                                     (LoRA+ groups, LoRA-FA projection, ...)
+        after_optimizer_step(t)                              (Delta-LoRA moves W, AdaLoRA allocates, ...)
+        scheduler.step(); zero_grad()
+    finalize()
+
+The loop never looks at the variant's name; the pipeline and the tests share it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from .model import AdaptedModel
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient norm; the message names variant and step."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+def lr_factor(settings: TrainSettings) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at each step: linear warmup, then the schedule."""
+    warmup, total = settings.warmup_steps, settings.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if settings.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if settings.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def count_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens the loss is computed on (labels != -100), else attended tokens."""
+    if "labels" in batch:
+        return int((batch["labels"] != -100).sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], settings: TrainSettings,
+          on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
+    """Train `adapted` for `settings.steps` optimizer steps on `batches` (cycled if shorter)."""
+    model = adapted.model
+    optimizer = adapted.optimizer(settings.lr, settings.weight_decay, settings.betas, settings.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
+    params = adapted.trainable_parameters()
+    records: list[StepRecord] = []
+    model.train()
+    stream = _cycle(batches)
+    for step in range(settings.steps):
+        started = time.perf_counter()
+        batch = next(stream)
+        loss = model(**batch).loss
+        extra = adapted.extra_loss(step)
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(f"{adapted.spec.label}: loss is {total.item()} at step {step}")
+        total.backward()
+        norm = _clip(params, settings.grad_clip)
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"{adapted.spec.label}: gradient norm is {norm} at step {step}")
+        adapted.before_optimizer_step(step)
+        optimizer.step()
+        adapted.after_optimizer_step(step)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = StepRecord(step, float(loss.detach()), lr, norm, count_tokens(batch), time.perf_counter() - started)
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    adapted.finalize()
+    return records
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad])))
+    return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm, foreach=True))
+
+
+def _cycle(batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Repeat a re-iterable collection of batches; an iterator is consumed once."""
+    while True:
+        produced = False
+        for batch in batches:
+            produced = True
+            yield batch
+        if not produced:
+            raise ValueError("the training batches ran out (pass a list, or an iterator long enough for every step)")
