@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models (seeded) and helpers that mirror our adapters in PEFT.
+
+PEFT is the oracle here and only here: it is imported by tests, never by the library.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
+    model.eval()
+    return model
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).to(dtype)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+def peft_config_for(spec, fan_in_fan_out: bool = False):
+    """The PEFT config equivalent to one of our specs (LoRA family or VeRA)."""
+    from peft import LoraConfig, VeraConfig
+
+    targets = list(spec.target_modules) if spec.target_modules != ("all-linear",) else "all-linear"
+    if spec.layer == "vera":
+        return VeraConfig(r=spec.r, target_modules=targets, vera_dropout=spec.dropout,
+                          d_initial=spec.options["d_initial"], projection_prng_key=spec.options["projection_prng_key"],
+                          fan_in_fan_out=fan_in_fan_out)
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                      use_rslora=spec.scaling == "rslora", use_dora=spec.layer == "dora", fan_in_fan_out=fan_in_fan_out)
+
+
+PEFT_PARAM = {
+    "lora_A": "lora_A.default.weight",
+    "lora_B": "lora_B.default.weight",
+    "magnitude": "lora_magnitude_vector.default.weight",
+    "lambda_b": "vera_lambda_b.default",
+    "lambda_d": "vera_lambda_d.default",
+}
+
+
+def peft_twin(adapted, base_model, fan_in_fan_out: bool = False):
+    """A PEFT model on a copy of `base_model` with exactly our adapter's tensors."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base_model), peft_config_for(adapted.spec, fan_in_fan_out))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, layer in adapted.layers.items():
+            for key, tensor in layer.adapter_state().items():
+                params[f"base_model.model.{name}.{PEFT_PARAM[key]}"].copy_(tensor)
+    return peft_model
+
+
+def peft_param(peft_model, layer_name: str, key: str) -> torch.Tensor:
+    return dict(peft_model.named_parameters())[f"base_model.model.{layer_name}.{PEFT_PARAM[key]}"]
+
+
+def randomize_adapter(adapted, seed: int = 1, scale: float = 0.05) -> None:
+    """Give every adapter tensor random values (so B, λ_b are non-zero and gradients are generic)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted.layers.values():
+            for key, tensor in layer.adapter_state().items():
+                noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype) * scale
+                if key == "magnitude":
+                    tensor.mul_(1 + noise)
+                else:
+                    tensor.add_(noise)
+
+
+def token_batch(batch: int = 2, length: int = 8, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
