@@ -1,0 +1,241 @@
+"""pandera schemas for the tables that cross stage boundaries, and validators with readable errors.
+
+- ``PreparedData``: the prepared prompt/response rows of every split (prepare -> train/evaluate).
+  Ids are unique, prompt and response are non-blank, split is train/validation/test, and no word
+  (G2P data; the prompt for user data without a ``word`` column) appears in two splits.
+- ``VariantMetrics``: one row per variant (or the base-model baseline), columns ``METRIC_COLUMNS``
+  (evaluate -> compare).
+- ``ComparisonTable``: ``VariantMetrics`` plus the derived labels of the report (compare).
+
+All schemas are strict (no unknown columns) and coerce dtypes. ``validate_prepared``,
+``validate_metrics`` and ``validate_comparison`` validate lazily, so one run reports every failing
+check, and raise ``DataError`` listing, per failing check, the column, the check and up to
+``MAX_SHOWN`` failing row indices and values, e.g.::
+
+    prepared data failed validation:
+      column 'response' check 'not_blank' failed on rows [3, 7]: ['', '']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from pipeline.errors import DataError
+
+__all__ = [
+    "COMPARISON_COLUMNS",
+    "MAX_SHOWN",
+    "MEMORY_LABELS",
+    "METRIC_COLUMNS",
+    "QUALITY_LABELS",
+    "SPLITS",
+    "ComparisonTable",
+    "DataError",
+    "PreparedData",
+    "VariantMetrics",
+    "validate_comparison",
+    "validate_metrics",
+    "validate_prepared",
+]
+
+SPLITS = ("train", "validation", "test")
+MEMORY_LABELS = ("lowest", "low", "medium", "high")
+QUALITY_LABELS = ("better", "comparable", "worse", "baseline")
+MAX_SHOWN = 10
+
+# The name of the dataframe-level leakage check; the error formatter reports it on its key column.
+_ONE_SPLIT_CHECK = "in_one_split_only"
+
+
+def _not_blank(series: pd.Series) -> pd.Series:
+    return series.str.strip().str.len() > 0
+
+
+def _leakage_key(df: pd.DataFrame) -> str:
+    # G2P data is split by word; user data has no word column, so a prompt is the unit that must
+    # not be seen in training and then scored in test.
+    return "word" if "word" in df.columns else "prompt"
+
+
+class PreparedData(pa.DataFrameModel):
+    """All prepared rows of one dataset, every split in one frame (column ``split``)."""
+
+    id: Series[str] = pa.Field(unique=True)
+    prompt: Series[str]
+    response: Series[str]
+    split: Series[str] = pa.Field(isin=list(SPLITS))
+    word: Optional[Series[str]] = pa.Field(nullable=False)
+
+    @pa.check("prompt", "response", name="not_blank")
+    def _text_not_blank(cls, series: pd.Series) -> pd.Series:
+        return _not_blank(series)
+
+    @pa.check("word", name="not_blank")
+    def _word_not_blank(cls, series: pd.Series) -> pd.Series:
+        return _not_blank(series)
+
+    @pa.dataframe_check(name=_ONE_SPLIT_CHECK)
+    def _in_one_split_only(cls, df: pd.DataFrame) -> pd.Series:
+        key = _leakage_key(df)
+        if key not in df.columns or "split" not in df.columns:
+            # A missing column is reported by its own check; don't add a confusing KeyError here.
+            return pd.Series(True, index=df.index)
+        return df.groupby(key)["split"].transform("nunique") <= 1
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class VariantMetrics(pa.DataFrameModel):
+    """Measured metrics, one row per variant (or the base-model baseline)."""
+
+    variant: Series[str] = pa.Field(unique=True)
+    layer: Series[str]
+    # Null for non-G2P data, where phonemes do not exist. PER can exceed 1 (insertions).
+    phoneme_error_rate: Series[float] = pa.Field(ge=0, nullable=True)
+    exact_match: Series[float] = pa.Field(in_range={"min_value": 0, "max_value": 1})
+    eval_loss: Series[float] = pa.Field(ge=0)
+    trainable_params: Series[int] = pa.Field(ge=0)
+    trainable_percent: Series[float] = pa.Field(in_range={"min_value": 0, "max_value": 100})
+    adapter_bytes: Series[int] = pa.Field(ge=0)
+    base_weight_bytes: Series[int] = pa.Field(gt=0)
+    peak_memory_bytes: Series[int] = pa.Field(gt=0)
+    train_seconds: Series[float] = pa.Field(ge=0)
+    tokens_per_second: Series[float] = pa.Field(ge=0)
+    steps: Series[int] = pa.Field(ge=0)
+    optimizer: Series[str]
+
+    @pa.check("variant", name="not_blank")
+    def _variant_not_blank(cls, series: pd.Series) -> pd.Series:
+        return _not_blank(series)
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+# The metric columns in schema order, for stages that build one dict per variant.
+METRIC_COLUMNS = (
+    "variant",
+    "layer",
+    "phoneme_error_rate",
+    "exact_match",
+    "eval_loss",
+    "trainable_params",
+    "trainable_percent",
+    "adapter_bytes",
+    "base_weight_bytes",
+    "peak_memory_bytes",
+    "train_seconds",
+    "tokens_per_second",
+    "steps",
+    "optimizer",
+)
+
+
+class ComparisonTable(VariantMetrics):
+    """The report's table: the measured metrics plus labels derived from them."""
+
+    memory_label: Series[str] = pa.Field(isin=list(MEMORY_LABELS))
+    quality_label: Series[str] = pa.Field(isin=list(QUALITY_LABELS))
+    # PER of the variant minus PER of plain LoRA; null without PER or without a LoRA row.
+    per_delta_vs_lora: Series[float] = pa.Field(nullable=True)
+
+
+COMPARISON_COLUMNS = METRIC_COLUMNS + ("memory_label", "quality_label", "per_delta_vs_lora")
+
+
+def validate_prepared(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate (and coerce) prepared data; DataError lists every failing check."""
+    return _validate(PreparedData, df, "prepared data", {_ONE_SPLIT_CHECK: _leakage_key(df)})
+
+
+def validate_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate (and coerce) a VariantMetrics table; DataError lists every failing check."""
+    return _validate(VariantMetrics, df, "variant metrics")
+
+
+def validate_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate (and coerce) a ComparisonTable; DataError lists every failing check."""
+    return _validate(ComparisonTable, df, "comparison table")
+
+
+def _validate(
+    model: type[pa.DataFrameModel],
+    df: pd.DataFrame,
+    what: str,
+    frame_check_columns: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
+    # pandera coerces 1.5 to the int 1 silently; a fractional byte or step count is a bug upstream,
+    # so catch it before coercion hides it.
+    lines = _fractional_int_failures(model, df)
+    try:
+        validated = model.validate(df, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        lines += _format_failures(exc.failure_cases, model.__name__, frame_check_columns or {})
+    if lines:
+        raise DataError(f"{what} failed validation:\n" + "\n".join("  " + line for line in lines))
+    return validated
+
+
+def _fractional_int_failures(model: type[pa.DataFrameModel], df: pd.DataFrame) -> list[str]:
+    lines = []
+    for name, column in model.to_schema().columns.items():
+        if name not in df.columns or "int" not in str(column.dtype):
+            continue
+        values = df[name]
+        if not pd.api.types.is_float_dtype(values):
+            continue
+        bad = values[values.notna() & (values != values.round())]
+        if len(bad):
+            lines.append(_line(name, "integer", list(bad.index), list(bad)))
+    return lines
+
+
+def _format_failures(cases: pd.DataFrame, schema_name: str, frame_check_columns: dict[str, str]) -> list[str]:
+    grouped: dict[tuple[str, str], list[tuple[object, object]]] = {}
+    for column, check, value, index in cases[["column", "check", "failure_case", "index"]].itertuples(index=False):
+        if check in frame_check_columns and column != frame_check_columns[check]:
+            # A dataframe-level check reports each failing row once per column; keep the column
+            # the check is about (the word, or the prompt) so the message names it.
+            continue
+        if check in ("column_in_schema", "column_in_dataframe"):
+            # Schema-level failures name the schema as their column and the column as the value.
+            column = value
+        grouped.setdefault((column, check), []).append((index, value))
+    lines = []
+    for (column, check), failures in grouped.items():
+        if check == "column_in_schema":
+            lines.append(f"column {column!r} check 'column_in_schema' failed: not in the schema (strict mode)")
+        elif check == "column_in_dataframe":
+            lines.append(f"column {column!r} check 'column_in_dataframe' failed: required column is missing")
+        elif all(_is_missing(index) for index, _ in failures):
+            values = [value for _, value in failures]
+            lines.append(f"column {column!r} check {check!r} failed: {values[:MAX_SHOWN]}")
+        else:
+            rows = [(index, value) for index, value in failures if not _is_missing(index)]
+            lines.append(_line(column, check, [i for i, _ in rows], [v for _, v in rows]))
+    return lines
+
+
+def _line(column: str, check: str, rows: list, values: list) -> str:
+    more = f" (and {len(rows) - MAX_SHOWN} more)" if len(rows) > MAX_SHOWN else ""
+    values = [None if _is_missing(v) else _plain(v) for v in values[:MAX_SHOWN]]
+    return f"column {column!r} check {check!r} failed on rows {[_plain(i) for i in rows[:MAX_SHOWN]]}: {values}{more}"
+
+
+def _plain(value: object) -> object:
+    # numpy scalars print as np.int64(3) in lists; show plain Python values.
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
