@@ -1,0 +1,247 @@
+"""Training-step time of every variant: ours and PEFT's equivalent side by side, plus the floor.
+
+One step = forward + backward + optimizer step (+ the variant's hooks). The *floor* is what
+no adapter can beat: the frozen base model's forward and input-gradient backward (the
+gradient flows through every layer, no weight gradient, no optimizer). Configurations are
+measured interleaved, round by round (two steps each, the second timed), so drift and
+background load hit all of them alike. The table reports each configuration's median step
+time, and each ratio as the median over rounds of the two times measured in the same round.
+
+    python bench/step_time.py                       # tiny Llama + SmolLM2-135M
+    python bench/step_time.py --models tiny --rounds 30
+    python bench/step_time.py --out bench/results.md
+
+Targets (issue 2): ours/PEFT <= 0.95 for every variant (DoRA and VeRA <= 0.8) and
+LoRA/floor <= 1.15 on SmolLM2. Delta-LoRA has no PEFT implementation (ours/floor only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import variants  # noqa: E402
+
+VARIANTS = ["lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora"]
+TARGETS = {"dora": 0.8, "vera": 0.8}
+R, ALPHA, VERA_R, LR = 8, 16, 256, 1e-4
+
+
+@dataclass
+class Runner:
+    label: str
+    step: Callable[[], None]
+    times: list[float] = field(default_factory=list)
+
+    def run(self, record: bool = True) -> None:
+        started = time.perf_counter()
+        self.step()
+        if record:
+            self.times.append(time.perf_counter() - started)
+
+    @property
+    def median_ms(self) -> float:
+        return 1000 * statistics.median(self.times)
+
+
+def paired_ratio(a: Runner, b: Runner) -> float:
+    """Median over rounds of a's time / b's time in the same round (paired: drift cancels)."""
+    return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+
+def spec_for(name: str) -> variants.AdapterSpec:
+    args = {"r": VERA_R} if name == "vera" else {"r": R, "alpha": ALPHA}
+    return variants.get(name, target_modules="all-linear", **args)
+
+
+def ours_runner(name: str, base, batch) -> Runner:
+    model = copy.deepcopy(base)
+    adapted = variants.build(model, spec_for(name))
+    model.train()
+    opt = adapted.optimizer(LR)
+    state = {"step": 0}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        extra = adapted.extra_loss(state["step"])
+        (loss if extra is None else loss + extra).backward()
+        adapted.before_optimizer_step(state["step"])
+        opt.step()
+        adapted.after_optimizer_step(state["step"])
+        state["step"] += 1
+
+    return Runner(f"ours {name}", step)
+
+
+def peft_runner(name: str, base, batch) -> Runner | None:
+    from peft import LoraConfig, VeraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer, create_lorafa_optimizer
+
+    if name == "delta_lora":
+        return None
+    if name == "vera":
+        config = VeraConfig(r=VERA_R, target_modules="all-linear")
+    else:
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
+                            use_rslora=name == "rslora", use_dora=name == "dora")
+    model = get_peft_model(copy.deepcopy(base), config)
+    model.train()
+    if name == "lora_fa":
+        opt = create_lorafa_optimizer(model, r=R, lora_alpha=ALPHA, lr=LR)
+    elif name == "lora_plus":
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=16, foreach=True)
+    else:
+        # the same AdamW (foreach) that our default optimizer part uses, so the ratio measures the adapters
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, foreach=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+
+    return Runner(f"peft {name}", step)
+
+
+def floor_runner(base, batch) -> Runner:
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train()
+    embed = model.get_input_embeddings()
+
+    def step():
+        inputs = embed(batch["input_ids"]).detach().requires_grad_()
+        model(inputs_embeds=inputs, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+
+    return Runner("floor", step)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg)
+
+
+def smollm2():
+    from pipeline.gguf_base import find_smollm2_gguf
+    from transformers import AutoModelForCausalLM
+
+    gguf = find_smollm2_gguf()
+    torch.set_flush_denormal(True)
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+
+
+def make_batch(vocab: int, batch: int, length: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int, pairwise: bool) -> list[dict]:
+    """Median step times. `pairwise` builds one variant's pair at a time (large models), else all at once."""
+    print(f"\n## {title}: batch {tuple(batch['input_ids'].shape)}, {rounds} measured rounds after {warmup} warm-up",
+          flush=True)
+    rows = []
+    groups = [[n] for n in names] if pairwise else [names]
+    for group in groups:
+        floor = floor_runner(base, batch)
+        runners: list[Runner] = [floor]
+        for name in group:
+            runners.append(ours_runner(name, base, batch))
+            theirs = peft_runner(name, base, batch)
+            if theirs is not None:
+                runners.append(theirs)
+        for i in range(warmup + rounds):
+            for runner in runners:
+                # Two steps in a row, only the second timed: the first absorbs the cost of
+                # switching models (cold caches, the allocator's state left by the previous one).
+                runner.run(record=False)
+                runner.run(record=i >= warmup)
+            print(f"\r  {', '.join(group)}: round {i + 1}/{warmup + rounds}", end="", flush=True)
+        print(flush=True)
+        by_label = {r.label: r for r in runners}
+        for name in group:
+            ours = by_label[f"ours {name}"]
+            theirs = by_label.get(f"peft {name}")
+            rows.append({
+                "model": title, "variant": name, "ours_ms": ours.median_ms,
+                "peft_ms": theirs.median_ms if theirs else None, "floor_ms": floor.median_ms,
+                "ours_over_peft": paired_ratio(ours, theirs) if theirs else None,
+                "ours_over_floor": paired_ratio(ours, floor),
+                "peft_over_floor": paired_ratio(theirs, floor) if theirs else None,
+            })
+        del runners, by_label, floor
+        gc.collect()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | variant | ours ms | PEFT ms | floor ms | ours/PEFT | target | ours/floor | PEFT/floor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        target = TARGETS.get(r["variant"], 0.95) if r["peft_ms"] else None
+        ok = "" if target is None else (" ✓" if r["ours_over_peft"] <= target else " ✗")
+        fmt = lambda v, p=1: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['variant']} | {fmt(r['ours_ms'])} | {fmt(r['peft_ms'])} | "
+                     f"{fmt(r['floor_ms'])} | {fmt(r['ours_over_peft'], 3)}{ok} | {fmt(target, 2)} | "
+                     f"{fmt(r['ours_over_floor'], 3)} | {fmt(r['peft_over_floor'], 3)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,smollm2", help="comma list of: tiny, smollm2")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--smollm2-rounds", type=int, default=6)
+    parser.add_argument("--smollm2-batch", default="8x64", help="BATCHxLENGTH for SmolLM2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    # Denormal floats (tiny Adam second moments, tiny gradients) make CPU float ops 10-100x
+    # slower and would hit configurations at random; flush them to zero for every side.
+    torch.set_flush_denormal(True)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    rows = []
+    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if model_name == "tiny":
+            base = tiny_llama()
+            rows += measure("tiny Llama h256 L4", base, make_batch(8192, 8, 128), names, args.rounds, args.warmup,
+                            pairwise=False)
+        elif model_name == "smollm2":
+            base = smollm2()
+            b, length = (int(v) for v in args.smollm2_batch.split("x"))
+            rows += measure("SmolLM2-135M", base, make_batch(base.config.vocab_size, b, length), names,
+                            args.smollm2_rounds, args.warmup, pairwise=True)
+        else:
+            parser.error(f"unknown model {model_name!r} (known: tiny, smollm2)")
+        del base
+        gc.collect()
+    text = table(rows)
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# Step time ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads)\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

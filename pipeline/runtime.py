@@ -1,0 +1,117 @@
+"""Process-level settings every stage shares: seeding, device choice, threads, peak memory.
+
+Peak memory is what the report calls "memory": on CUDA `torch.cuda.max_memory_allocated`,
+on CPU the peak resident set size (RSS) of the process during the measured section — the
+kernel's high-water mark (VmHWM) is reset first through /proc/self/clear_refs, so model
+loading before the section does not count twice; where that is not possible the
+process-lifetime peak (getrusage) is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda, but no CUDA device is available")
+    return torch.device(choice)
+
+
+def configure_cpu() -> None:
+    # Denormal floats make CPU arithmetic 10-100x slower (FACTS.md: generation crawls).
+    torch.set_flush_denormal(True)
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class PeakMemory:
+    """Measure peak memory of a code section: `with PeakMemory(device) as peak: ...; peak.bytes`."""
+
+    device: torch.device
+    bytes: int = 0
+    method: str = ""
+    seconds: float = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        self._started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda.max_memory_allocated"
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")  # reset the RSS high-water mark
+                self.method = "rss (VmHWM, reset at start)"
+            except OSError:
+                self.method = "rss (ru_maxrss, process lifetime)"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            hwm = _vm_hwm_bytes() if "VmHWM" in self.method else None
+            self.bytes = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.seconds = time.perf_counter() - self._started
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """Progress lines with an ETA, for long loops in stage logs (no terminal control codes)."""
+
+    def __init__(self, label: str, total: int, every: int = 1):
+        self.label, self.total, self.every = label, total, max(1, every)
+        self.started = time.perf_counter()
+
+    def update(self, done: int, extra: str = "") -> None:
+        if done % self.every and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        print(f"[{self.label}] {done}/{self.total} {extra} elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}",
+              flush=True)
+
+
+def repo_root() -> "os.PathLike[str]":
+    """The repository that owns this run; for DVC's queued/temp experiments (run in
+    <repo>/.dvc/tmp/exps/<tmp>/), the original repository, so shared stores stay shared."""
+    from pathlib import Path
+
+    here = Path.cwd().resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
