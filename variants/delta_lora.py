@@ -32,6 +32,7 @@ class DeltaLoRA(Part):
     slot = "step"
     name = "delta_lora"
     idea = "after each step, also move W by λ times the change of s·BA"
+    idea_zh = "每步之后再把 W 按 s·BA 的增量乘 λ 一并更新"
     peft_exportable = False  # the base weights change; PEFT's LoRA format cannot say so
     options = {
         "delta_update_ratio": Option(2.0, float, lambda v: v > 0, "> 0", "λ, the update ratio"),

@@ -58,6 +58,7 @@ class DoRALayer(LoRALayer):
 class DoRA(LoRA):
     name = "dora"
     idea = "magnitude/direction split, LoRA on the direction"
+    idea_zh = "权重分解为幅度和方向，LoRA 只更新方向"
     peft_names = {**LoRA.peft_names, "magnitude": "lora_magnitude_vector"}
 
     def create(self, name: str, base_layer: nn.Module) -> DoRALayer:

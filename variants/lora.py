@@ -48,6 +48,7 @@ class LoRALayer(AdapterLayer):
 class LoRA(LayerKind):
     name = "lora"
     idea = "frozen W0 plus a trainable low-rank update s·BA"
+    idea_zh = "冻结 W0，训练低秩增量 s·BA"
     peft_type = "LORA"
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 

@@ -102,6 +102,7 @@ class LoRAFAAdamW(torch.optim.Optimizer):
 class LoRAFA(OptimizerPart):
     name = "lora_fa"
     idea = "A frozen at init; B's gradient projected onto row(A)"
+    idea_zh = "冻结随机初始化的 A，B 的梯度投影到 A 的行空间"
     requires = {"layer": (frozenset({"lora"}),
                           "LoRA-FA freezes A and projects the gradient of B for a plain LoRA pair; "
                           "other layer kinds have no such pair or change what B's gradient means")}

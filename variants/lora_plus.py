@@ -24,6 +24,7 @@ from .parts import Option, register
 class LoRAPlus(OptimizerPart):
     name = "lora_plus"
     idea = "B learns loraplus_ratio times faster than A"
+    idea_zh = "B 的学习率是 A 的 λ 倍（非对称学习率）"
     options = {
         "loraplus_ratio": Option(16.0, float, lambda v: v > 0, "> 0", "η_B / η_A"),
     }

@@ -40,6 +40,7 @@ class AdaptedModel:
         self.spec = spec
         self.layers = layers
         self.parts = parts
+        self.optimizer_in_use: torch.optim.Optimizer | None = None  # set by `variants.train`
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -80,6 +81,24 @@ class AdaptedModel:
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_summary())
+
+    def adapter_tensors_ids(self) -> set[int]:
+        ids = {id(t) for layer in self.layers.values() for t in layer.adapter_state().values()}
+        for module in self.layer_kind.shared_modules().values():
+            ids |= {id(t) for t in module.buffers()}
+        return ids
+
+    def base_weight_bytes(self) -> int:
+        """Bytes of everything the base model holds in memory (parameters and buffers), adapters excluded."""
+        adapter = self.adapter_tensors_ids()
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) in adapter or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
 
     def iter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         return iter(self.layers.items())

@@ -79,6 +79,7 @@ class Part:
     slot: ClassVar[str]
     name: ClassVar[str]
     idea: ClassVar[str] = ""
+    idea_zh: ClassVar[str] = ""  # the same in Chinese, for the report's Chinese twin
     options: ClassVar[dict[str, Option]] = {}
     requires: ClassVar[dict[str, tuple[frozenset[str], str]]] = {}
     # False where the adapter cannot be written in PEFT's format (PEFT lacks the method,

@@ -19,6 +19,7 @@ class RsLoRAScaling(Part):
     slot = "scaling"
     name = "rslora"
     idea = "rank-stabilised scale alpha/sqrt(r)"
+    idea_zh = "秩稳定缩放 alpha/√r"
     requires = {"layer": (frozenset({"lora", "dora", "adalora", "sora"}), "VeRA has no alpha/r scale to stabilise")}
 
     @staticmethod

@@ -83,19 +83,29 @@ def lr_factor(settings: TrainSettings) -> Callable[[int], float]:
 
 
 def count_tokens(batch: Mapping[str, torch.Tensor]) -> int:
-    """Tokens the loss is computed on (labels != -100), else attended tokens."""
-    if "labels" in batch:
-        return int((batch["labels"] != -100).sum())
+    """Tokens the model processed in this batch (attended positions; padding excluded)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
 
 
+def model_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss (`labels` in the batch)."""
+    return model(**batch).loss
+
+
 def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], settings: TrainSettings,
-          on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
-    """Train `adapted` for `settings.steps` optimizer steps on `batches` (cycled if shorter)."""
+          on_step: Callable[[StepRecord], None] | None = None,
+          loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] = model_loss,
+          ) -> list[StepRecord]:
+    """Train `adapted` for `settings.steps` optimizer steps on `batches` (cycled if shorter).
+
+    `loss_fn(model, batch)` gives the task loss (default: the model's own); `on_step` sees
+    each step's record as soon as the step is done (progress, curves, checkpoints).
+    """
     model = adapted.model
     optimizer = adapted.optimizer(settings.lr, settings.weight_decay, settings.betas, settings.eps)
+    adapted.optimizer_in_use = optimizer  # for reports: which optimizer the spec resolved to
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
     params = adapted.trainable_parameters()
     records: list[StepRecord] = []
@@ -104,7 +114,7 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     for step in range(settings.steps):
         started = time.perf_counter()
         batch = next(stream)
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
         extra = adapted.extra_loss(step)
         total = loss if extra is None else loss + extra
         if not torch.isfinite(total):

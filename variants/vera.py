@@ -85,6 +85,7 @@ class VeRALayer(AdapterLayer):
 class VeRA(LayerKind):
     name = "vera"
     idea = "one frozen random pair shared by all layers; train only per-layer scaling vectors"
+    idea_zh = "全模型共享一对冻结随机矩阵，每层只训练缩放向量"
     peft_type = "VERA"
     peft_names = {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}
     options = {

@@ -1,0 +1,355 @@
+"""Stage `compare`: every variant's metrics -> the comparison report.
+
+Reads reports/metrics/*.json (every variant of params.yaml plus the `base` baseline),
+reports/predictions/*.jsonl, reports/curves/*.csv and reports/quantize.json; writes
+(atomically) reports/comparison.csv (validated by the ComparisonTable schema),
+reports/comparison.md and its Chinese twin reports/comparison.zh.md, and PNG plots in
+reports/plots/: loss curves overlaid, quality vs trainable parameters, quality vs peak
+memory. Labels, use cases and the selection guide are derived from the numbers
+(pipeline/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import report as R
+from pipeline.evaluate import BASELINE, metrics_path, predictions_path
+from pipeline.files import atomic_folder, atomic_write_text
+from pipeline.params import ParamsError, Params, load_params
+from pipeline.projection import project
+from pipeline.schemas import COMPARISON_COLUMNS, METRIC_COLUMNS, validate_comparison
+from pipeline.tracking import git_commit
+from pipeline.train import curve_path
+
+PLOTS = "reports/plots"
+CSV = "reports/comparison.csv"
+MD = {"en": "reports/comparison.md", "zh": "reports/comparison.zh.md"}
+QUANTIZE = "reports/quantize.json"
+TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
+
+
+def load_inputs(params: Params):
+    names = list(params.variants) + [BASELINE]
+    rows, preds, curves = {}, {}, {}
+    for name in names:
+        rows[name] = json.loads(Path(metrics_path(name)).read_text())
+        with open(predictions_path(name), encoding="utf-8") as handle:
+            preds[name] = [json.loads(line) for line in handle if line.strip()]
+        if name != BASELINE:
+            curves[name] = pd.read_csv(curve_path(name))
+    quant = json.loads(Path(QUANTIZE).read_text()) if Path(QUANTIZE).exists() else None
+    return rows, preds, curves, quant
+
+
+def build_table(params: Params, rows, preds, g2p: bool) -> tuple[pd.DataFrame, dict]:
+    qualities = R.quality_labels(rows, preds, g2p)
+    memories = R.memory_labels(rows)
+    records = []
+    for name, row in rows.items():
+        diff = qualities[name][1]
+        records.append({**{k: row[k] for k in METRIC_COLUMNS}, "memory_label": memories[name],
+                        "quality_label": qualities[name][0],
+                        "per_delta_vs_lora": diff.delta if (diff is not None and g2p) else None})
+    table = validate_comparison(pd.DataFrame(records, columns=list(COMPARISON_COLUMNS)))
+    derived = {"quality": qualities, "memory": memories, "use": R.use_cases(rows, qualities, memories)}
+    return table, derived
+
+
+def projections(params: Params, quant: dict | None):
+    out = {}
+    for name, v in params.variants.items():
+        bits = "4bit" if v.spec.base != "full" else "bf16"
+        out[name] = project(name, v.spec, bits, params.quantize.blocksize, params.quantize.double_quant)
+    if "lora" in params.variants and not any(v.spec.base != "full" for v in params.variants.values()):
+        # No 4-bit variant in this run: still show what LoRA on QLoRA's storage would need.
+        out["lora on nf4 (projection)"] = project("lora on nf4", params.variants["lora"].spec, "4bit",
+                                                  params.quantize.blocksize, params.quantize.double_quant)
+    return out
+
+
+# ----- plots ------------------------------------------------------------------------------------------
+def make_plots(folder: Path, rows, curves, g2p: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality_key = "phoneme_error_rate" if g2p else "exact_match"
+    quality_name = "phoneme error rate (lower is better)" if g2p else "exact match (higher is better)"
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in curves.items():
+        line, = ax.plot(curve["step"], curve["loss"], label=name, alpha=0.85)
+        val = curve.dropna(subset=["val_loss"])
+        ax.plot(val["step"], val["val_loss"], "o--", color=line.get_color(), alpha=0.6, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("response loss (solid: train, dashed dots: validation)")
+    ax.set_title("Loss curves")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    for key, xlabel, fname, logx in (("trainable_params", "trainable parameters", "quality_vs_params.png", True),
+                                     ("peak_memory_bytes", "peak memory (MiB)", "quality_vs_memory.png", False)):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for name, row in rows.items():
+            if name == BASELINE or row.get(quality_key) is None:
+                continue
+            x = row[key] / (2**20 if key == "peak_memory_bytes" else 1)
+            ax.scatter(x, row[quality_key], s=40)
+            ax.annotate(name, (x, row[quality_key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        base = rows.get(BASELINE)
+        if base and base.get(quality_key) is not None:
+            ax.axhline(base[quality_key], color="gray", linestyle=":", label="base model (no adapter)")
+            ax.legend(fontsize=8)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(quality_name)
+        ax.set_title(f"Quality vs {xlabel}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / fname, dpi=110)
+        plt.close(fig)
+
+
+# ----- markdown ---------------------------------------------------------------------------------------
+S = {
+    "en": {
+        "title": "# LoRA variants compared",
+        "setup": ("Generated by `dvc repro` on {date} (commit `{commit}`). Base model: **{model}**; task: **{task}**; "
+                  "every variant trained for **{steps} steps × {batch} examples** (lr schedule {schedule}, "
+                  "warmup {warmup}), evaluated on **{n_test} held-out examples** with greedy decoding. Device: {device}."),
+        "t1": "## 1. Comparison table",
+        "t1_head": "| Variant | Core idea | Memory | Quality | Use case |",
+        "t1_note": ("Labels are measured, relative to LoRA: *memory* from peak training memory (±5% = medium); "
+                    "*quality* from a paired bootstrap ({n} resamples) of the {metric} difference to LoRA over the "
+                    "test examples — *better*/*worse* only when the 95% interval excludes zero."),
+        "t2": "## 2. Measured numbers",
+        "t2_head": ("| Variant | {metric} | Δ vs LoRA, pp [95% CI] | Exact match | Eval loss | Trainable params (% of base) "
+                    "| Adapter file | Base weights | Peak memory | Train time | Tokens/s | LR |"),
+        "t2_note": ("Peak memory: {method} during training (the base row: during its evaluation). Train time excludes "
+                    "validation. Tokens/s counts every non-padding token processed."),
+        "t3": "## 3. Memory for Llama-2-7B (projection)",
+        "t3_intro": ("Adapters built for real on a Llama-2-7B-shaped model on the `meta` device (exact parameter "
+                     "counts), times exact bytes per parameter:\n\n"
+                     "`M = base + 4·P_adapter + 4·P_trainable (gradients) + 8·P_trainable (AdamW) + extra state`\n\n"
+                     "base = 2 B/param (bf16), or for a 4-bit base the NF4 + double-quantization bytes of the linear "
+                     "layers ({bits:.3f} bits/param) + 2 B/param for embeddings, norms and head. Activations are "
+                     "not included (they depend on batch and sequence length, not on the method)."),
+        "t3_head": "| Variant | Trainable params | Base | Adapter | Gradients | AdamW | Extra | **Total** | Tutorial's claim |",
+        "t3_note": ("The tutorial's ~15 GB (LoRA) vs ~6 GB (QLoRA) include activations; the persistent state alone "
+                    "is {lora} vs {qlora} here. Delta-LoRA's extra is the fp32 residual that keeps W's updates "
+                    "exact over a bf16 base."),
+        "quant": ("Quantize stage (measured on this base): {layers} linear layers, {fp32} fp32 → {q4} with NF4"
+                  "{dq}, {bits:.3f} bits/param (formula {formula:.3f}); mean relative reconstruction error "
+                  "‖W − deq(Q(W))‖/‖W‖ = {err:.4f} (worst {worst:.4f})."),
+        "t4": "## 4. Selection guide (derived from the numbers above)",
+        "g_memory": "- **Memory-constrained**: **{name}** — {gib:.2f} GiB projected for 7B (LoRA: {lora:.2f} GiB); measured peak {peak}.",
+        "g_quality": "- **Best quality at this budget**: **{name}** — {metric} {value:.3f}, {diff} pp vs LoRA (significant).",
+        "g_quality_none": ("- **Best quality at this budget**: no variant separates from LoRA beyond noise: the 95% "
+                           "intervals of every difference include zero (lowest {metric}: **{name}**, {value:.3f}). "
+                           "A larger budget or test set is needed to rank them."),
+        "g_speed": "- **Faster training**: **{name}** — {tps:.0f} tokens/s (LoRA: {lora:.0f}).",
+        "g_params": "- **Many adapters / multi-task**: **{name}** — {params} trainable parameters ({ratio:.1%} of LoRA's), adapter file {size}.",
+        "g_general": "- **General purpose**: **{name}** — {why}.",
+        "g_general_lora": "LoRA: no variant was measurably better at this budget",
+        "g_general_best": "measurably better than LoRA ({diff} pp)",
+        "g_worse": "- **Measurably worse here**: {names} (at this budget; see §2).",
+        "t5": "## 5. Plots",
+        "t6": "## 6. Notes",
+        "notes": [
+            "Every method is this project's own implementation (`variants/`); LoRA, rsLoRA, DoRA, VeRA, LoRA-FA and "
+            "LoRA+ match PEFT 0.21.2 numerically (tests/test_parity_peft.py, tests/test_methods.py).",
+            "LoRA+ uses PEFT's group rule (B and every 1-D tensor get lr·ratio) with the paper's fixed ratio, not the "
+            "tutorial's sqrt(r) rule. LoRA-FA's projection runs in the parameter dtype (PEFT runs it under bf16 "
+            "autocast when available).",
+            "DoRA's norm is detached (paper §4.3) and its magnitude starts at ‖W0‖_row; VeRA shares one frozen "
+            "Kaiming pair and starts λ_b = 0 (the tutorial's sample code gets both wrong).",
+        ],
+        "base_row": "base model",
+    },
+    "zh": {
+        "title": "# LoRA 变体对比",
+        "setup": ("由 `dvc repro` 于 {date} 生成（提交 `{commit}`）。基座模型：**{model}**；任务：**{task}**；"
+                  "每个变体训练 **{steps} 步 × 每步 {batch} 个样本**（学习率调度 {schedule}，预热 {warmup} 步），"
+                  "在 **{n_test} 个留出样本**上用贪心解码评估。设备：{device}。"),
+        "t1": "## 1. 变体对比表",
+        "t1_head": "| 变体 | 核心改进 | 显存 | 效果 | 适用场景 |",
+        "t1_note": ("标签均为实测，相对 LoRA：*显存* 取训练峰值内存（±5% 为“中”）；*效果* 取与 LoRA 的 {metric} 差值在测试样本上的"
+                    "配对自助法（{n} 次重采样）——只有 95% 区间不含 0 时才标“更好/较差”。"),
+        "t2": "## 2. 实测数据",
+        "t2_head": ("| 变体 | {metric} | 相对 LoRA 差值（百分点，95% 区间） | 完全匹配率 | 评估损失 | 可训练参数（占基座 %） "
+                    "| 适配器文件 | 基座权重 | 峰值内存 | 训练时间 | 词元/秒 | 学习率 |"),
+        "t2_note": "峰值内存：训练期间的 {method}（基座行：评估期间）。训练时间不含验证。词元/秒统计所有非填充词元。",
+        "t3": "## 3. Llama-2-7B 的显存需求（推算）",
+        "t3_intro": ("在 `meta` 设备上按 Llama-2-7B 的形状真实构建适配器（参数量精确），再乘以每个参数的精确字节数：\n\n"
+                     "`M = 基座 + 4·P_适配器 + 4·P_可训练（梯度） + 8·P_可训练（AdamW） + 额外状态`\n\n"
+                     "基座 = 每参数 2 字节（bf16）；4-bit 基座则为线性层的 NF4 + 双重量化字节（{bits:.3f} 位/参数）"
+                     "加上嵌入、归一化和输出头的每参数 2 字节。不含激活值（取决于批大小和序列长度，与方法无关）。"),
+        "t3_head": "| 变体 | 可训练参数 | 基座 | 适配器 | 梯度 | AdamW | 额外 | **合计** | 教程的说法 |",
+        "t3_note": ("教程中的 ~15 GB（LoRA）与 ~6 GB（QLoRA）包含激活值；这里仅持久状态分别为 {lora} 与 {qlora}。"
+                    "Delta-LoRA 的额外状态是在 bf16 基座上保持 W 更新精确所需的 fp32 残差。"),
+        "quant": ("量化阶段（在本基座上实测）：{layers} 个线性层，{fp32} fp32 → NF4{dq} 后 {q4}，{bits:.3f} 位/参数"
+                  "（公式 {formula:.3f}）；平均相对重建误差 ‖W − deq(Q(W))‖/‖W‖ = {err:.4f}（最大 {worst:.4f}）。"),
+        "t4": "## 4. 选择指南（由以上数据推出）",
+        "g_memory": "- **显存受限**：**{name}** —— 7B 推算 {gib:.2f} GiB（LoRA：{lora:.2f} GiB）；实测峰值 {peak}。",
+        "g_quality": "- **该预算下效果最好**：**{name}** —— {metric} {value:.3f}，相对 LoRA {diff} 个百分点（显著）。",
+        "g_quality_none": ("- **该预算下效果最好**：没有变体在噪声之外与 LoRA 拉开差距：所有差值的 95% 区间都包含 0"
+                           "（{metric} 最低的是 **{name}**，{value:.3f}）。需要更大的训练预算或测试集才能排序。"),
+        "g_speed": "- **加速训练**：**{name}** —— {tps:.0f} 词元/秒（LoRA：{lora:.0f}）。",
+        "g_params": "- **多任务 / 多适配器**：**{name}** —— {params} 个可训练参数（LoRA 的 {ratio:.1%}），适配器文件 {size}。",
+        "g_general": "- **通用场景**：**{name}** —— {why}。",
+        "g_general_lora": "LoRA：该预算下没有变体可测量地更好",
+        "g_general_best": "可测量地优于 LoRA（{diff} 个百分点）",
+        "g_worse": "- **该预算下可测量地更差**：{names}（见第 2 节）。",
+        "t5": "## 5. 图表",
+        "t6": "## 6. 说明",
+        "notes": [
+            "所有方法都是本项目自己的实现（`variants/`）；LoRA、rsLoRA、DoRA、VeRA、LoRA-FA、LoRA+ 与 PEFT 0.21.2 数值一致"
+            "（tests/test_parity_peft.py、tests/test_methods.py）。",
+            "LoRA+ 采用 PEFT 的分组规则（B 及所有一维张量使用 lr·比率）和论文的固定比率，而不是教程的 √r 规则。"
+            "LoRA-FA 的投影在参数精度下计算（PEFT 在可用时用 bf16 autocast）。",
+            "DoRA 的范数按论文 §4.3 分离梯度，幅度初始化为 ‖W0‖ 的行范数；VeRA 全模型共享一对冻结的 Kaiming 矩阵，"
+            "λ_b 初始化为 0（教程示例代码这两处都有误）。",
+        ],
+        "base_row": "基座模型",
+    },
+}
+
+
+def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs, quant, g2p: bool, device: str) -> str:
+    s = S[lang]
+    labels = R.TEXT[lang]["labels"]
+    uses = R.TEXT[lang]["use"]
+    metric = ("PER" if lang == "en" else "音素错误率") if g2p else ("exact-match error" if lang == "en" else "完全匹配错误率")
+    n_test = next(iter(rows.values())).get("n_test", params.data.n_test)
+    lines = [s["title"], "", s["setup"].format(
+        date=dt.date.today().isoformat(), commit=git_commit()[:10],
+        model=params.model.source if params.model.source != "smollm2" else "SmolLM2-135M-Instruct",
+        task=("G2P (CMU Pronouncing Dictionary)" if lang == "en" else "字音转换 G2P（CMU 发音词典）") if g2p else params.data.source,
+        steps=params.train.steps, batch=params.train.batch_size, schedule=params.train.schedule,
+        warmup=params.train.warmup_steps, n_test=n_test,
+        device=device), ""]
+
+    lines += [s["t1"], "", s["t1_head"], "|---|---|---|---|---|"]
+    for name, v in params.variants.items():
+        q, _ = derived["quality"][name]
+        lines.append(f"| {name} | {R.core_idea(v.spec, lang)} | {labels[derived['memory'][name]]} | {labels[q]} | "
+                     f"{'; '.join(uses[u] for u in derived['use'][name])} |")
+    lines += ["", s["t1_note"].format(n=R.BOOTSTRAP_SAMPLES, metric=metric), ""]
+
+    lines += [s["t2"], "", s["t2_head"].format(metric=metric), "|" + "---|" * 12]
+    for name, row in rows.items():
+        diff = derived["quality"][name][1]
+        shown = s["base_row"] if name == "base" else name
+        per = row["phoneme_error_rate"] if g2p else 1 - row["exact_match"]
+        lr = f"{row['lr']:.0e}" if R.is_finite(row.get("lr")) else "—"
+        lines.append(
+            f"| {shown} | {per:.3f} | {R.fmt_diff(diff)} | {row['exact_match']:.3f} | {row['eval_loss']:.3f} | "
+            f"{R.fmt_params(row['trainable_params'])} ({row['trainable_percent']:.3f}%) | "
+            f"{R.fmt_bytes(row['adapter_bytes']) if row['adapter_bytes'] else '—'} | {R.fmt_bytes(row['base_weight_bytes'])} | "
+            f"{R.fmt_bytes(row['peak_memory_bytes'])} | {row['train_seconds']:.0f} s | {row['tokens_per_second']:.0f} | {lr} |")
+    method = next((r.get("peak_memory_method") for n, r in rows.items() if n != "base"), "")
+    lines += ["", s["t2_note"].format(method=method), ""]
+
+    bits = quant["bits_per_param_formula"] if quant else 4.127
+    lines += [s["t3"], "", s["t3_intro"].format(bits=bits), "", s["t3_head"], "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in projs.items():
+        claim = TUTORIAL_7B.get("qlora" if ("nf4" in name or "qlora" in name) else name, "")
+        lines.append(f"| {name} | {R.fmt_params(p.trainable_params)} | {R.fmt_bytes(p.base_bytes)} | "
+                     f"{R.fmt_bytes(p.adapter_bytes)} | {R.fmt_bytes(p.gradient_bytes)} | {R.fmt_bytes(p.optimizer_bytes)} | "
+                     f"{R.fmt_bytes(p.extra_bytes) if p.extra_bytes else '—'} | **{p.total_gib:.2f} GiB** | {claim} |")
+    lora_p = projs.get("lora")
+    q_p = next((p for n, p in projs.items() if "nf4" in n or params.variants.get(n) and params.variants[n].spec.base != "full"), None)
+    lines += ["", s["t3_note"].format(lora=f"{lora_p.total_gib:.1f} GiB" if lora_p else "—",
+                                      qlora=f"{q_p.total_gib:.1f} GiB" if q_p else "—")]
+    if quant:
+        lines += ["", s["quant"].format(layers=quant["quantized_layers"], fp32=R.fmt_bytes(quant["base_fp32_bytes"]),
+                                        q4=R.fmt_bytes(quant["base_4bit_bytes"]),
+                                        dq=" + double quantization" if (quant["double_quant"] and lang == "en") else
+                                        ("（双重量化）" if quant["double_quant"] else ""),
+                                        bits=quant["bits_per_param_measured"], formula=quant["bits_per_param_formula"],
+                                        err=quant["relative_error_mean"], worst=quant["relative_error_max"])]
+    lines += [""]
+
+    lines += [s["t4"], ""] + guide(lang, params, rows, derived, projs, g2p, metric) + [""]
+    lines += [s["t5"], "", "![loss curves](plots/loss_curves.png)", "",
+              "![quality vs trainable parameters](plots/quality_vs_params.png)", "",
+              "![quality vs peak memory](plots/quality_vs_memory.png)", ""]
+    lines += [s["t6"], ""] + [f"- {n}" for n in s["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[str]:
+    s = S[lang]
+    names = list(params.variants)
+    out = []
+    key = (lambda n: rows[n]["phoneme_error_rate"]) if g2p else (lambda n: 1 - rows[n]["exact_match"])
+    lora = rows.get("lora")
+    mem_name = min((n for n in names if n in projs), key=lambda n: projs[n].total_bytes)
+    out.append(s["g_memory"].format(name=mem_name, gib=projs[mem_name].total_gib,
+                                    lora=projs["lora"].total_gib if "lora" in projs else float("nan"),
+                                    peak=R.fmt_bytes(rows[mem_name]["peak_memory_bytes"])))
+    best = min(names, key=key)
+    diff = derived["quality"][best][1]
+    if diff is not None and diff.significant and diff.delta < 0:
+        out.append(s["g_quality"].format(name=best, metric=metric, value=key(best), diff=R.fmt_diff(diff)))
+    else:
+        out.append(s["g_quality_none"].format(name=best, metric=metric, value=key(best)))
+    fast = max(names, key=lambda n: rows[n]["tokens_per_second"])
+    out.append(s["g_speed"].format(name=fast, tps=rows[fast]["tokens_per_second"],
+                                   lora=lora["tokens_per_second"] if lora else float("nan")))
+    few = min(names, key=lambda n: rows[n]["trainable_params"])
+    out.append(s["g_params"].format(name=few, params=R.fmt_params(rows[few]["trainable_params"]),
+                                    ratio=rows[few]["trainable_params"] / lora["trainable_params"] if lora else float("nan"),
+                                    size=R.fmt_bytes(rows[few]["adapter_bytes"])))
+    if diff is not None and diff.significant and diff.delta < 0:
+        out.append(s["g_general"].format(name=best, why=s["g_general_best"].format(diff=R.fmt_diff(diff))))
+    else:
+        out.append(s["g_general"].format(name="lora", why=s["g_general_lora"]))
+    worse = [n for n in names if derived["quality"][n][0] == "worse"]
+    if worse:
+        out.append(s["g_worse"].format(names=", ".join(worse)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as err:
+        print(f"compare: {err}", file=sys.stderr)
+        return 1
+    rows, preds, curves, quant = load_inputs(params)
+    g2p = params.data.source == "cmudict"
+    table, derived = build_table(params, rows, preds, g2p)
+    projs = projections(params, quant)
+    device = "cuda" if params.train.device == "cuda" else (
+        "CPU" if params.train.device == "cpu" or not __import__("torch").cuda.is_available() else "cuda")
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    with atomic_folder(PLOTS) as tmp:
+        make_plots(tmp, rows, curves, g2p)
+    atomic_write_text(CSV, buf.getvalue())
+    for lang, path in MD.items():
+        atomic_write_text(path, render(lang, params, rows, table, derived, projs, quant, g2p, device))
+    print(f"compare: wrote {CSV}, {MD['en']}, {MD['zh']} and {PLOTS}/ for {len(params.variants)} variants", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Stage `evaluate@<variant>` (and `evaluate_base`): quality and cost of one trained variant.
+
+    python -m pipeline.evaluate <variant>      # models/adapters/<variant> on models/base
+    python -m pipeline.evaluate --baseline     # the untouched base model: the baseline row
+
+On the test split: eval loss on response tokens only, and greedy generations scored by
+exact match and — for the G2P task — phoneme error rate (edit distance over phonemes /
+reference length). The costs measured in training (trainable params, adapter bytes,
+base-weight bytes, peak memory, wall time, tokens/s) come from the adapter folder's
+train_summary.json. Writes, atomically:
+
+- reports/metrics/<name>.json: one flat row (validated by the VariantMetrics schema);
+- reports/predictions/<name>.jsonl: every test prompt's generation and its edit distance
+  (the report's paired bootstrap uses them).
+
+The MLflow run opened by `train@<variant>` gets the final metrics and the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import variants
+from pipeline.errors import DataError
+from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.gguf_base import load_base
+from pipeline.lm import encode_records, generate, mean_response_loss
+from pipeline.metrics import edit_distance, exact_match, normalize_generation, phoneme_error_rate
+from pipeline.params import ParamsError, load_params
+from pipeline.prepare import read_split
+from pipeline.runtime import PeakMemory, Progress, configure_cpu, pick_device, seed_everything
+from pipeline.schemas import METRIC_COLUMNS, validate_metrics
+from pipeline.tracking import Tracker, standard_tags
+from pipeline.train import BASE, adapter_dir
+
+BASELINE = "base"
+
+
+def metrics_path(name: str) -> str:
+    return f"reports/metrics/{name}.json"
+
+
+def predictions_path(name: str) -> str:
+    return f"reports/predictions/{name}.jsonl"
+
+
+def run(name: str | None, params_path: str = "params.yaml") -> dict:
+    params = load_params(params_path)
+    if name is not None:
+        params.get_variant(name)
+    label = name or BASELINE
+    configure_cpu()
+    seed_everything(params.seed)
+    device = pick_device(params.train.device)
+    model, tokenizer = load_base(BASE, params.model.dtype, params.model.trust_remote_code)
+    summary = None
+    if name is not None:
+        folder = Path(adapter_dir(name))
+        adapted = variants.load(model, folder)
+        summary = json.loads((folder / "train_summary.json").read_text())
+        # An exact merge makes generation cost what the base model costs.
+        if all(getattr(p, "merge_is_exact", True) for p in adapted.parts):
+            adapted.merge()
+    model.to(device).eval()
+
+    test_records = read_split("test")
+    test_ex = encode_records(tokenizer, test_records, params.data.max_length)
+    ev = params.eval
+    with PeakMemory(device) as peak:
+        eval_loss = mean_response_loss(model, test_ex, ev.batch_size, tokenizer.pad_token_id, device)
+        progress = Progress(f"eval {label}", len(test_ex), every=ev.batch_size)
+        raw = generate(model, tokenizer, test_ex, ev.batch_size, ev.max_new_tokens, device, progress)
+    predictions = [normalize_generation(text) for text in raw]
+    references = [normalize_generation(r["response"]) for r in test_records]
+    g2p = params.data.source == "cmudict"
+    per = phoneme_error_rate(predictions, references) if g2p else None
+    em = exact_match(predictions, references)
+
+    row = {
+        "variant": label,
+        "layer": summary["layer"] if summary else "none",
+        "phoneme_error_rate": per,
+        "exact_match": em,
+        "eval_loss": eval_loss,
+        "trainable_params": summary["trainable_params"] if summary else 0,
+        "trainable_percent": summary["trainable_percent"] if summary else 0.0,
+        "adapter_bytes": summary["adapter_bytes"] if summary else 0,
+        "base_weight_bytes": summary["base_weight_bytes"] if summary else sum(
+            t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
+        # variants: peak memory of training; the baseline: of its evaluation (it is not trained)
+        "peak_memory_bytes": summary["peak_memory_bytes"] if summary else peak.bytes,
+        "train_seconds": summary["train_seconds"] if summary else 0.0,
+        "tokens_per_second": summary["tokens_per_second"] if summary else 0.0,
+        "steps": summary["steps"] if summary else 0,
+        "optimizer": summary["optimizer"] if summary else "none",
+    }
+    validate_metrics(pd.DataFrame([row], columns=list(METRIC_COLUMNS)))
+    extra = {"label": summary["label"] if summary else "base model", "eval_seconds": peak.seconds,
+             "n_test": len(test_ex), "task": "g2p" if g2p else params.data.source,
+             "lr": summary["lr"] if summary else None,
+             "final_train_loss": summary["final_loss"] if summary else None,
+             "peak_memory_method": summary["peak_memory_method"] if summary else peak.method}
+    lines = []
+    for rec, pred, ref in zip(test_records, predictions, references):
+        lines.append(json.dumps({"id": rec["id"], "prediction": pred, "reference": ref,
+                                 "edits": edit_distance(pred.split(), ref.split()), "ref_len": len(ref.split()),
+                                 "exact": pred == ref}, ensure_ascii=False))
+    atomic_write_text(predictions_path(label), "\n".join(lines) + "\n")
+    atomic_write_json(metrics_path(label), {**row, **extra})
+
+    if name is not None:
+        run_info = json.loads((Path(adapter_dir(name)) / "mlflow.json").read_text())
+        tracker = Tracker(params.tracking.enabled and run_info.get("run_id") is not None,
+                          params.tracking.experiment, run_info.get("uri"))
+        tracker.start(run_name=name, tags=standard_tags(name, "evaluate"), run_id=run_info.get("run_id"))
+        tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+        tracker.log_artifacts(adapter_dir(name), "adapter")
+        tracker.log_artifact(predictions_path(label), "predictions")
+        tracker.end("FINISHED")
+    shown = f"PER {per:.3f}, " if per is not None else ""
+    print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
+          flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", nargs="?")
+    parser.add_argument("--baseline", action="store_true", help="evaluate the base model without adapter")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    if bool(args.variant) == args.baseline:
+        parser.error("give a variant name or --baseline (not both)")
+    try:
+        run(None if args.baseline else args.variant, args.params)
+    except (ParamsError, DataError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

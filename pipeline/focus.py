@@ -1,0 +1,44 @@
+"""Stage `focus`: the headline metrics of the variant named by the `variant` param.
+
+`dvc exp run -S variant=vera` changes only this stage's parameter, so it re-runs nothing
+but this: reports/focus.json (declared as DVC metrics) then holds vera's numbers and
+`dvc exp show` lists them per experiment. Add `-S variants.vera.r=512` to retrain vera
+(and only vera) in the same experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.evaluate import metrics_path
+from pipeline.files import atomic_write_json
+from pipeline.params import ParamsError, load_params
+
+OUT = "reports/focus.json"
+HEADLINE = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params", "adapter_bytes",
+            "peak_memory_bytes", "train_seconds", "tokens_per_second")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as err:
+        print(f"focus: {err}", file=sys.stderr)
+        return 1
+    row = json.loads(Path(metrics_path(params.variant)).read_text())
+    focus = {"variant": params.variant, **{k: row[k] for k in HEADLINE}}
+    atomic_write_json(OUT, focus)
+    per = focus["phoneme_error_rate"]
+    print(f"focus: {params.variant}: " + (f"PER {per:.3f}, " if per is not None else "")
+          + f"exact match {focus['exact_match']:.3f}, {focus['trainable_params']:,} trainable params")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Training memory each variant would need for Llama-2-7B, from exact bytes per parameter.
+
+The adapter is built for real on a Llama-2-7B-shaped model on PyTorch's `meta` device (no
+memory is allocated), so the trainable-parameter counts are exact for the spec, not
+estimated. Memory of the persistent training state:
+
+    M = base weights + adapter weights + gradients + optimizer state (+ method-specific state)
+
+      base weights     every base parameter: 2 B (bf16), or for a 4-bit base the NF4 + double
+                       quantization bytes of the linear layers (variants.quant.quantized_bytes)
+                       plus 2 B for what stays unquantized (embeddings, norms, output head)
+      adapter weights  4 B per adapter parameter (fp32, trainable or frozen) + shared buffers
+      gradients        4 B per trainable parameter
+      AdamW state      8 B per trainable parameter (two fp32 moments)
+      extra state      parts that keep more (Delta-LoRA's fp32 residual of W over a bf16
+                       base: 4 B per adapted weight)
+
+Activations are left out: they depend on batch size, sequence length and checkpointing, not
+on the method (within a few percent for these methods), and would dominate any constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import variants
+from variants.quant import quantized_bytes
+
+GIB = 2**30
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                 tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class Projection:
+    variant: str
+    base_params: int
+    trainable_params: int
+    adapter_params: int
+    base_bytes: float
+    adapter_bytes: float
+    gradient_bytes: float
+    optimizer_bytes: float
+    extra_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.base_bytes + self.adapter_bytes + self.gradient_bytes + self.optimizer_bytes + self.extra_bytes
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+
+def _meta_llama2_7b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**LLAMA2_7B)).to(torch.bfloat16)
+
+
+def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", blocksize: int = 64,
+            double_quant: bool = True) -> Projection:
+    """The projection for one spec; `base_bits` is "bf16" or "4bit" (QLoRA-style storage)."""
+    model = _meta_llama2_7b()
+    base_params = sum(p.numel() for p in model.parameters())
+    adapted = variants.build(model, spec)
+    adapter_ids = adapted.adapter_tensors_ids()
+    adapter_params = sum(t.numel() for layer in adapted.layers.values() for t in layer.adapter_state().values())
+    shared = sum(t.numel() for m in adapted.layer_kind.shared_modules().values() for t in m.buffers())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted_weight_params = sum(layer.in_features * layer.out_features for layer in adapted.layers.values())
+    if base_bits == "4bit":
+        quantized = sum(quantized_bytes(layer.in_features * layer.out_features, blocksize, double_quant)
+                        for layer in adapted.layers.values())
+        base_bytes = quantized + 2 * (base_params - adapted_weight_params)
+    else:
+        base_bytes = 2.0 * base_params
+    extra = 4.0 * adapted_weight_params if spec.step == "delta_lora" else 0.0
+    del adapter_ids
+    return Projection(variant=name, base_params=base_params, trainable_params=trainable,
+                      adapter_params=adapter_params + shared, base_bytes=base_bytes,
+                      adapter_bytes=4.0 * (adapter_params + shared), gradient_bytes=4.0 * trainable,
+                      optimizer_bytes=8.0 * trainable, extra_bytes=extra)

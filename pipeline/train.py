@@ -1,0 +1,167 @@
+"""Stage `train@<variant>`: fine-tune the base model with one variant, under the shared budget.
+
+    python -m pipeline.train <variant>
+
+Reads params (`seed`, `train`, `data`, `variants.<variant>`), data/prepared and
+models/base; builds the variant's adapter (`variants.build`), trains it with the library's
+reference loop (every part's hooks, response-only loss) and writes, atomically:
+
+- models/adapters/<variant>/: the adapter (adapter_config.json + adapter.safetensors),
+  train_summary.json (trainable params, peak memory, wall time, tokens/s, ...) and
+  mlflow.json (the MLflow run that `evaluate@<variant>` completes);
+- reports/curves/<variant>.csv: per-step loss, learning rate, gradient norm, and the
+  validation loss every `train.eval_interval` steps.
+
+Progress (loss, s/step, ETA) is printed every step. A non-finite loss or gradient stops
+the run at once with an error naming the variant and step; the MLflow run then ends as
+FAILED and no adapter is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+
+import torch
+
+import variants
+from pipeline.errors import DataError
+from pipeline.files import atomic_folder, atomic_write_text
+from pipeline.gguf_base import load_base
+from pipeline.lm import encode_records, mean_response_loss, response_loss, training_batches
+from pipeline.params import ParamsError, load_params
+from pipeline.prepare import read_split
+from pipeline.runtime import PeakMemory, Progress, configure_cpu, format_seconds, pick_device, seed_everything
+from pipeline.tracking import Tracker, standard_tags
+
+BASE = "models/base"
+CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
+
+
+def adapter_dir(name: str) -> str:
+    return f"models/adapters/{name}"
+
+
+def curve_path(name: str) -> str:
+    return f"reports/curves/{name}.csv"
+
+
+def run(name: str, params_path: str = "params.yaml") -> dict:
+    params = load_params(params_path)
+    vcfg = params.get_variant(name)
+    train_cfg = params.train
+    configure_cpu()
+    seed_everything(params.seed)
+    device = pick_device(train_cfg.device)
+
+    model, tokenizer = load_base(BASE, params.model.dtype, params.model.trust_remote_code)
+    train_ex = encode_records(tokenizer, read_split("train"), params.data.max_length)
+    val_ex = encode_records(tokenizer, read_split("validation"), params.data.max_length)
+    adapted = variants.build(model, vcfg.spec)
+    model.to(device)
+    trainable, total = adapted.parameter_counts()
+    print(f"[{name}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
+
+    settings = variants.TrainSettings(
+        steps=train_cfg.steps, lr=vcfg.learning_rate(train_cfg), weight_decay=train_cfg.weight_decay,
+        warmup_steps=train_cfg.warmup_steps, schedule=train_cfg.schedule, grad_clip=train_cfg.grad_clip)
+    pad_id = tokenizer.pad_token_id
+    batches = ({k: v.to(device) for k, v in b.items()}
+               for b in training_batches(train_ex, train_cfg.batch_size, train_cfg.steps, params.seed, pad_id))
+
+    tracker = Tracker(params.tracking.enabled, params.tracking.experiment, params.tracking.uri)
+    tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer})
+    tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()},
+                        **{f"train.{k}": v for k, v in vars(train_cfg).items()}, "train.lr_used": settings.lr,
+                        "seed": params.seed, "model.source": params.model.source,
+                        "data.source": params.data.source, "data.n_train": params.data.n_train})
+
+    rows: list[dict] = []
+    progress = Progress(name, train_cfg.steps)
+
+    def on_step(record: variants.StepRecord) -> None:
+        row = {"step": record.step + 1, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
+               "val_loss": None, "tokens": record.tokens, "seconds": record.seconds}
+        interval = train_cfg.eval_interval
+        if interval and ((record.step + 1) % interval == 0 or record.step + 1 == train_cfg.steps):
+            model.eval()
+            row["val_loss"] = mean_response_loss(model, val_ex, 64, pad_id, device)
+            model.train()
+        rows.append(row)
+        val = f" val {row['val_loss']:.3f}" if row["val_loss"] is not None else ""
+        progress.update(record.step + 1, f"loss {record.loss:.3f}{val} lr {record.lr:.2e} {record.seconds:.2f}s/step")
+
+    started = time.perf_counter()
+    try:
+        with PeakMemory(device) as peak:
+            variants.train(adapted, batches, settings, on_step=on_step, loss_fn=response_loss)
+    except BaseException:
+        tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
+        tracker.end("FAILED")
+        raise
+    wall = time.perf_counter() - started
+    step_seconds = sum(r["seconds"] for r in rows)  # training steps only, validation excluded
+    tokens = sum(r["tokens"] for r in rows)
+    summary = {
+        "variant": name,
+        "label": vcfg.spec.label,
+        "layer": vcfg.spec.layer,
+        "spec": vcfg.spec.to_dict(),
+        "optimizer": type(adapted.optimizer_in_use).__name__,
+        "lr": settings.lr,
+        "steps": train_cfg.steps,
+        "batch_size": train_cfg.batch_size,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "base_weight_bytes": adapted.base_weight_bytes(),
+        "peak_memory_bytes": peak.bytes,
+        "peak_memory_method": peak.method,
+        "train_seconds": step_seconds,
+        "wall_seconds": wall,
+        "tokens": tokens,
+        "tokens_per_second": tokens / step_seconds if step_seconds else 0.0,
+        "final_loss": rows[-1]["loss"],
+        "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r["val_loss"] is not None), None),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = adapter_dir(name)
+    with atomic_folder(out) as tmp:
+        variants.save(adapted, tmp, metadata={"variant": name, "base": BASE})
+        summary["adapter_bytes"] = variants.file_bytes(tmp)
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        (tmp / "mlflow.json").write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    atomic_write_text(curve_path(name), buf.getvalue())
+    tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
+    tracker.log_metrics({"train_seconds": step_seconds, "tokens_per_second": summary["tokens_per_second"],
+                         "peak_memory_bytes": peak.bytes, "trainable_params": trainable})
+    tracker.end("FINISHED")
+    print(f"[{name}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+          f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        run(args.variant, args.params)
+    except (ParamsError, DataError, variants.NonFiniteLossError) as err:
+        print(f"train@{args.variant}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
