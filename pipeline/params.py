@@ -206,6 +206,20 @@ def _check_cross_fields(params: Params, label: str) -> None:
         raise ParamsError(f"{label}: data.hf_name must name a dataset when data.source is hf")
     if model.source != "smollm2" and _looks_like_path(model.source) and not Path(model.source).is_dir():
         raise ParamsError(f"{label}: model.source: no such model folder {model.source!r}")
+    for name, v in params.variants.items():
+        spec = v.spec
+        if spec.base in ("nf4", "fp4"):
+            q = params.quantize
+            mine = (spec.base, spec.options["double_quant"], spec.options["quant_blocksize"])
+            if mine != (q.quant_type, q.double_quant, q.blocksize):
+                raise ParamsError(
+                    f"{label}: variants.{name} asks base={spec.base}, double_quant={mine[1]}, "
+                    f"quant_blocksize={mine[2]}, but the quantize stage makes quant_type={q.quant_type}, "
+                    f"double_quant={q.double_quant}, blocksize={q.blocksize}; make them agree")
+        total = spec.options.get("total_step")
+        if spec.layer == "adalora" and total != params.train.steps:
+            raise ParamsError(f"{label}: variants.{name}.total_step ({total}) must equal train.steps "
+                              f"({params.train.steps}): AdaLoRA's budget schedule runs over the whole training")
     if params.train.warmup_steps >= params.train.steps:
         raise ParamsError(f"{label}: train.warmup_steps ({params.train.warmup_steps}) must be smaller than "
                           f"train.steps ({params.train.steps})")

@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pipeline.files import atomic_folder, atomic_write_json, atomic_write_text
 from pipeline.gguf_base import load_base
 from pipeline.params import ParamsError, load_params
 from pipeline.runtime import Progress, configure_cpu
 from pipeline.train import BASE
-from variants.quant import bits_per_parameter, dequantize_weight, quantize_weight, quantized_bytes, state_bytes
+from variants.quant import (bits_per_parameter, dequantize_weight, quantize_weight, quantized_bytes, save_quantized,
+                            state_bytes)
 from variants.spec import ALL_LINEAR
 from variants.targets import find_targets
 
@@ -49,16 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu()
     model, _ = load_base(BASE, "float32", params.model.trust_remote_code)
     targets = find_targets(model, (ALL_LINEAR,))
-    tensors: dict[str, torch.Tensor] = {}
+    quantized: dict = {}
     rows = []
     progress = Progress("quantize", len(targets), every=max(1, len(targets) // 10))
     for i, (name, module) in enumerate(targets, 1):
         weight = module.weight.detach().float()
         packed, state = quantize_weight(weight, q.quant_type, q.double_quant, q.blocksize)
         error = float((weight - dequantize_weight(packed, state)).norm() / weight.norm())
-        tensors[f"{name}.weight"] = packed
-        for key, value in state.as_dict(packed=True).items():
-            tensors[f"{name}.weight.{key}"] = value
+        quantized[name] = (packed, state)
         rows.append({"layer": name, "params": weight.numel(), "fp32_bytes": weight.numel() * 4,
                      "quantized_bytes": state_bytes(packed, state),
                      "formula_bytes": round(quantized_bytes(weight.numel(), q.blocksize, q.double_quant)),
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "relative_error_max": max(r["relative_error"] for r in rows),
     }
     with atomic_folder(OUT) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        save_quantized(tmp / "weights.safetensors", quantized)
         (tmp / "summary.json").write_text(json.dumps({**metrics, "layers": [r["layer"] for r in rows]}, indent=2))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

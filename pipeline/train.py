@@ -37,8 +37,10 @@ from pipeline.params import ParamsError, load_params
 from pipeline.prepare import read_split
 from pipeline.runtime import PeakMemory, Progress, configure_cpu, format_seconds, pick_device, seed_everything
 from pipeline.tracking import Tracker, standard_tags
+from variants.quant import load_quantized
 
 BASE = "models/base"
+QUANTIZED = "models/quantized"
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
 
 
@@ -61,7 +63,7 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
     model, tokenizer = load_base(BASE, params.model.dtype, params.model.trust_remote_code)
     train_ex = encode_records(tokenizer, read_split("train"), params.data.max_length)
     val_ex = encode_records(tokenizer, read_split("validation"), params.data.max_length)
-    adapted = variants.build(model, vcfg.spec)
+    adapted = variants.build(model, vcfg.spec, quantized=load_quantized(QUANTIZED) if vcfg.spec.base != "full" else None)
     model.to(device)
     trainable, total = adapted.parameter_counts()
     print(f"[{name}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
@@ -127,6 +129,7 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
         "tokens_per_second": tokens / step_seconds if step_seconds else 0.0,
         "final_loss": rows[-1]["loss"],
         "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r["val_loss"] is not None), None),
+        "parts": adapted.parts_summary(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }

@@ -104,3 +104,18 @@ def randomize_adapter(adapted, seed: int = 1, scale: float = 0.05) -> None:
 
 def token_batch(batch: int = 2, length: int = 8, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# Options a preset cannot do without (AdaLoRA's schedule needs the run's length).
+PRESET_REQUIRED = {"adalora": {"total_step": 12}}
+
+
+def preset(name: str, **overrides) -> dict:
+    """A buildable spec dict for a preset (with its required options filled in)."""
+    return {"preset": name, **PRESET_REQUIRED.get(name, {}), **overrides}
+
+
+def full_precision_presets() -> list[str]:
+    import variants
+
+    return [n for n in variants.names() if variants.AdapterSpec.from_dict(preset(n)).base == "full"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import variants
 from variants import io as vio
 
-from conftest import randomize_adapter, tiny_gpt2, tiny_llama, token_batch
+from conftest import full_precision_presets, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 PRESET_ARGS = {
     "lora": {"r": 4, "alpha": 8},
@@ -22,6 +22,10 @@ PRESET_ARGS = {
     "lora_fa": {"r": 4, "alpha": 8},
     "lora_plus": {"r": 4, "alpha": 8},
     "delta_lora": {"r": 4, "alpha": 8},
+    "qlora": {"r": 4, "alpha": 8},
+    "loftq": {"r": 4, "alpha": 8},
+    "adalora": {"r": 4, "alpha": 8, "target_r": 2, "total_step": 10},
+    "sora": {"r": 4, "alpha": 8},
 }
 
 
@@ -32,7 +36,7 @@ def _adapted(name, model=None, seed=1):
     return adapted
 
 
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", full_precision_presets())
 def test_merge_matches_forward_and_unmerge_restores_weights(name):
     adapted = _adapted(name)
     model = adapted.model

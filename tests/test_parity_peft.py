@@ -15,7 +15,7 @@ import torch
 import variants
 from variants.functional import merged_is_cheaper
 
-from conftest import peft_param, peft_twin, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
+from conftest import full_precision_presets, peft_param, peft_twin, preset, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 SPECS = {
     "lora": {"preset": "lora", "r": 4, "alpha": 8},
@@ -104,13 +104,13 @@ def test_gpt2_conv1d_matches_peft(name, shape):
 
 
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["factored", "merged"])
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", full_precision_presets())
 def test_output_at_init_equals_base_exactly(name, shape):
     base = tiny_llama()
     ids = token_batch(*shape)
     with torch.no_grad():
         expected = base(ids).logits
-    adapted = variants.build(copy.deepcopy(base), {"preset": name})
+    adapted = variants.build(copy.deepcopy(base), preset(name))
     with torch.no_grad():
         got = adapted(ids).logits
     assert torch.equal(got, expected)

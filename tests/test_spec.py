@@ -11,11 +11,12 @@ import variants
 from variants import AdapterSpec
 from variants.core import AdapterLayer
 
-from conftest import tiny_llama, token_batch
+from conftest import preset, tiny_llama, token_batch
 
 
 def test_every_preset_builds_and_names_its_parts():
-    assert variants.names() == ["delta_lora", "dora", "lora", "lora_fa", "lora_plus", "rslora", "vera"]
+    assert variants.names() == ["adalora", "delta_lora", "dora", "loftq", "lora", "lora_fa", "lora_plus", "qlora",
+                                "rslora", "sora", "vera"]
     expected = {
         "lora": ("lora", "standard", "adamw", "none"),
         "rslora": ("lora", "rslora", "adamw", "none"),
@@ -24,9 +25,13 @@ def test_every_preset_builds_and_names_its_parts():
         "lora_fa": ("lora", "standard", "lora_fa", "none"),
         "lora_plus": ("lora", "standard", "lora_plus", "none"),
         "delta_lora": ("lora", "standard", "adamw", "delta_lora"),
+        "qlora": ("lora", "standard", "paged_adamw", "none"),
+        "loftq": ("lora", "standard", "adamw", "none"),
+        "adalora": ("adalora", "standard", "adamw", "none"),
+        "sora": ("sora", "standard", "adamw", "none"),
     }
     for name, (layer, scaling, optimizer, step) in expected.items():
-        spec = variants.get(name)
+        spec = variants.AdapterSpec.from_dict(preset(name))
         assert (spec.layer, spec.scaling, spec.optimizer, spec.step) == (layer, scaling, optimizer, step)
         assert spec.label == name
 

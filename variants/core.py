@@ -32,7 +32,17 @@ def _conv1d_class() -> type | None:
 
 
 CONV1D = _conv1d_class()
-SUPPORTED_BASE_LAYERS: tuple[type, ...] = tuple(t for t in (nn.Linear, CONV1D) if t is not None)
+
+
+def _supported() -> tuple[type, ...]:
+    from .quant import QuantizedLinear
+
+    return tuple(t for t in (nn.Linear, CONV1D, QuantizedLinear) if t is not None)
+
+
+SUPPORTED_BASE_LAYERS: tuple[type, ...] = _supported()
+# Quantized layers of other libraries: recognised so the error can say what to do instead.
+FOREIGN_QUANTIZED = ("Linear4bit", "Linear8bitLt", "QuantLinear")
 
 
 def is_fan_in_fan_out(module: nn.Module) -> bool:
@@ -40,8 +50,23 @@ def is_fan_in_fan_out(module: nn.Module) -> bool:
     return CONV1D is not None and isinstance(module, CONV1D)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """True for a base layer stored quantized (it dequantizes on demand)."""
+    return callable(getattr(module, "dequantized", None))
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported base layer."""
+    if is_quantized(module):
+        return module.in_features, module.out_features
     weight = module.weight
     if is_fan_in_fan_out(module):
         return weight.shape[0], weight.shape[1]
@@ -66,8 +91,14 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     # ----- base weight access ---------------------------------------------------------------
+    @property
+    def base_is_quantized(self) -> bool:
+        return is_quantized(self.base_layer)
+
     def base_weight_native(self) -> torch.Tensor:
         """The base weight in the base module's own layout (dequantized if quantized)."""
+        if self.base_is_quantized:
+            return self.base_layer.dequantized()
         return self.base_layer.weight
 
     def base_weight(self) -> torch.Tensor:
@@ -83,7 +114,10 @@ class AdapterLayer(nn.Module):
         return weight_out_in.t() if self.fan_in_fan_out else weight_out_in
 
     def write_base_weight(self, weight_out_in: torch.Tensor) -> None:
-        """Overwrite the base weight with an (out, in) matrix (merge, Delta-LoRA, LoftQ)."""
+        """Overwrite the base weight with an (out, in) matrix (merge, Delta-LoRA)."""
+        if self.base_is_quantized:
+            raise ValueError("a 4-bit base weight cannot take an exact update; use merge_and_unload(), "
+                             "which returns full-precision layers")
         with torch.no_grad():
             self.base_layer.weight.copy_(self.to_native(weight_out_in))
 
@@ -97,6 +131,11 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self.base_is_quantized:
+            # QLoRA computes in the base's compute dtype (bf16 on CUDA) and hands back x's dtype.
+            dtype = self.base_layer.compute_dtype_for(x)
+            if dtype != x.dtype:
+                return self.forward_unmerged(x.to(dtype)).to(x.dtype)
         return self.forward_unmerged(x)
 
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -115,6 +154,19 @@ class AdapterLayer(nn.Module):
     def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
         """The inverse of `merged_weight` given the merged (out, in) weight."""
         return merged - self.delta_weight().to(merged.dtype)
+
+    def full_precision_merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W0 + ΔW (dequantized base), for merge_and_unload of a 4-bit base."""
+        weight = self.merged_weight()
+        bias = self.base_bias()
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linear.requires_grad_(False)
+        return linear
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -25,9 +25,6 @@ class BaseStorage(Part):
 
     slot = "base"
 
-    def check_target(self, name: str, module: torch.nn.Module) -> None:
-        """Raise ValueError if `module` cannot be stored this way (called before any change)."""
-
     def convert(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
         """The base layer the adapter wraps (default: the module itself)."""
         return module
@@ -38,10 +35,25 @@ class FullPrecisionBase(BaseStorage):
     name = "full"
     idea = "frozen base weights kept in their own dtype"
 
+    def check_target(self, name: str, module: torch.nn.Module) -> None:
+        from .core import is_quantized
+
+        if is_quantized(module):
+            raise ValueError(f"{name} is stored quantized; a spec with base=full needs full-precision weights "
+                             "(use base=nf4 to train on a 4-bit base)")
+
+
+class InitPart(Part):
+    """An `init` part may overwrite a new layer's tensors (and its base) from the original module."""
+
+    slot = "init"
+
+    def init_layer(self, name: str, layer, original: torch.nn.Module) -> None:
+        """Called right after `layer` was built around the (converted) base of `original`."""
+
 
 @register
-class DefaultInit(Part):
-    slot = "init"
+class DefaultInit(InitPart):
     name = "default"
     idea = "each layer kind's own initialisation (LoRA: A Kaiming-uniform, B = 0)"
 

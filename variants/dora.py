@@ -62,4 +62,4 @@ class DoRA(LoRA):
     peft_names = {**LoRA.peft_names, "magnitude": "lora_magnitude_vector"}
 
     def create(self, name: str, base_layer: nn.Module) -> DoRALayer:
-        return DoRALayer(base_layer, self.spec.r, self.spec.scale, self.spec.dropout)
+        return DoRALayer(base_layer, self.rank_for(name), self.spec.scale, self.spec.dropout)

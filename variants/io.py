@@ -66,6 +66,7 @@ def save(adapted: AdaptedModel, directory: str | os.PathLike, metadata: dict[str
         "format": FORMAT,
         "spec": adapted.spec.to_dict(),
         "layers": list(adapted.layers),
+        "rank_pattern": adapted.rank_pattern(),
         "metadata": metadata or {},
     }
 
@@ -90,7 +91,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
     """Rebuild a saved adapter on `model` (a fresh copy of the base it was trained on)."""
     config = read_config(directory)
     spec = AdapterSpec.from_dict(config["spec"])
-    adapted = build(model, spec)
+    adapted = build(model, spec, rank_pattern=config.get("rank_pattern") or None)
     if list(adapted.layers) != config["layers"]:
         raise ValueError(f"the adapter was saved for layers {config['layers'][:3]}..., this model's targets are "
                          f"{list(adapted.layers)[:3]}...")

@@ -13,16 +13,23 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .core import AdapterLayer
+from .core import AdapterLayer, is_quantized, module_device
 from .parts import Part
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     """Adapter tensors stay fp32 over a half-precision or quantized base (as PEFT's autocast_adapter_dtype)."""
+    if is_quantized(base_layer):
+        return torch.float32
     weight = base_layer.weight
     if weight.dtype in (torch.float32, torch.float64):
         return weight.dtype
     return torch.float32
+
+
+def adapter_kwargs(base_layer: nn.Module) -> dict:
+    """dtype and device for a new adapter tensor of this base layer."""
+    return {"dtype": adapter_dtype(base_layer), "device": module_device(base_layer)}
 
 
 class LayerKind(Part):
@@ -31,6 +38,12 @@ class LayerKind(Part):
     peft_type: ClassVar[str | None] = None
     # our tensor name -> PEFT's key suffix inside the adapted module
     peft_names: ClassVar[dict[str, str]] = {}
+
+    # per-layer ranks that override spec.r (set by `build` from a saved adapter)
+    rank_pattern: dict[str, int] = {}
+
+    def rank_for(self, name: str) -> int:
+        return self.rank_pattern.get(name, self.spec.r)
 
     def prepare(self, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
         """Build state shared by all layers before any is created (default: none)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from .core import AdapterLayer
 from .functional import lora_linear
-from .layer_kind import LayerKind, adapter_dtype
+from .layer_kind import LayerKind, adapter_kwargs
 from .parts import register
 
 
@@ -29,7 +29,7 @@ class LoRALayer(AdapterLayer):
         super().__init__(base_layer, dropout)
         self.r = r
         self.scale = float(scale)
-        kw = {"dtype": adapter_dtype(base_layer), "device": base_layer.weight.device}
+        kw = adapter_kwargs(base_layer)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -53,4 +53,4 @@ class LoRA(LayerKind):
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def create(self, name: str, base_layer: nn.Module) -> LoRALayer:
-        return LoRALayer(base_layer, self.spec.r, self.spec.scale, self.spec.dropout)
+        return LoRALayer(base_layer, self.rank_for(name), self.spec.scale, self.spec.dropout)

@@ -73,6 +73,9 @@ class AdaptedModel:
             total += p.numel()
             if p.requires_grad:
                 trainable += p.numel()
+        for module in self.model.modules():  # a 4-bit base holds its weights as codes, not parameters
+            if callable(getattr(module, "dequantized", None)):
+                total += module.in_features * module.out_features
         return trainable, total
 
     def trainable_summary(self) -> str:
@@ -89,16 +92,33 @@ class AdaptedModel:
         return ids
 
     def base_weight_bytes(self) -> int:
-        """Bytes of everything the base model holds in memory (parameters and buffers), adapters excluded."""
+        """Bytes of everything the base model holds in memory (parameters and buffers), adapters excluded.
+
+        Quantized layers count their real storage (codes + quantization state, `storage_bytes`).
+        """
         adapter = self.adapter_tensors_ids()
         seen: set[int] = set()
         total = 0
+        for module in self.model.modules():
+            storage = getattr(module, "storage_bytes", None)
+            if callable(storage):
+                total += storage()
+                seen |= {id(t) for t in list(module.parameters()) + list(module.buffers())}
         for t in list(self.model.parameters()) + list(self.model.buffers()):
             if id(t) in adapter or id(t) in seen:
                 continue
             seen.add(id(t))
             total += t.numel() * t.element_size()
         return total
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Layers whose rank differs from the spec's r (after SoRA's pruning), name -> rank."""
+        return {name: layer.r for name, layer in self.layers.items()
+                if getattr(layer, "r", self.spec.r) != self.spec.r}
+
+    def parts_summary(self) -> dict[str, Any]:
+        """Every part's report after training, keyed by slot (only parts that report something)."""
+        return {p.slot: s for p in self.parts if (s := p.summary(self))}
 
     def iter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         return iter(self.layers.items())
@@ -128,8 +148,23 @@ class AdaptedModel:
         return self.model
 
     def merge_and_unload(self) -> nn.Module:
-        self.merge()
-        return self.unload()
+        """The model with every update merged and no adapter layers left.
+
+        A 4-bit base cannot hold the update exactly, so its layers come back as full-precision
+        nn.Linear holding deq(Q) + ΔW — exactly the function that was trained.
+        """
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                if layer.base_is_quantized:
+                    replace_module(self.model, name, layer.full_precision_merged())
+                else:
+                    layer.merge()
+                    replace_module(self.model, name, layer.base_layer)
+        for attr in self.layer_kind.shared_modules():
+            if hasattr(self.model, attr):
+                delattr(self.model, attr)
+        self.layers = {}
+        return self.model
 
     # ----- training hooks -------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -236,8 +271,13 @@ class AdaptedModel:
             part.load_adapter_tensors(self, part_tensors.get(part.slot, {}))
 
 
-def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any]) -> AdaptedModel:
+def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized: Mapping[str, Any] | None = None,
+          rank_pattern: Mapping[str, int] | None = None) -> AdaptedModel:
     """Add the adapter described by `spec` to `model` (in place) and return its handle.
+
+    `quantized`: codes and states already quantized for a 4-bit base (layer name -> (codes,
+    QuantState)), so the base is not quantized twice. `rank_pattern`: per-layer ranks of a
+    saved adapter whose ranks changed in training (SoRA's pruning).
 
     All validation happens before the first module is replaced: on any error the model is
     left exactly as it was.
@@ -249,16 +289,31 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any]) -> AdaptedMod
     by_slot = {p.slot: p for p in parts}
     layer_kind: LayerKind = by_slot["layer"]  # type: ignore[assignment]
     base_part = by_slot["base"]
+    # the init part first: its reason for refusing a target (e.g. LoftQ needs full-precision
+    # weights) is the most specific one
+    checkers = sorted(parts, key=lambda p: p.slot != "init")
     for name, module in targets:
-        base_part.check_target(name, module)  # type: ignore[attr-defined]
+        for part in checkers:
+            part.check_target(name, module)
+    if quantized is not None:
+        if not hasattr(base_part, "use_prequantized"):
+            raise ValueError(f"pre-quantized weights were given, but {spec.label} uses base={spec.base}")
+        base_part.use_prequantized(quantized)
+    if rank_pattern:
+        unknown = sorted(set(rank_pattern) - {n for n, _ in targets})
+        if unknown:
+            raise ValueError(f"rank_pattern names layers this spec does not adapt: {unknown[:5]}")
+        layer_kind.rank_pattern = dict(rank_pattern)
     layer_kind.prepare(model, targets)
 
     # From here on the model changes.
     for p in model.parameters():
         p.requires_grad_(False)
     layers: dict[str, AdapterLayer] = {}
+    init_part = by_slot["init"]
     for name, module in targets:
         layer = layer_kind.create(name, base_part.convert(name, module))  # type: ignore[attr-defined]
+        init_part.init_layer(name, layer, module)  # type: ignore[attr-defined]
         replace_module(model, name, layer)
         layers[name] = layer
     for attr, module in layer_kind.shared_modules().items():

@@ -85,6 +85,8 @@ class Part:
     # False where the adapter cannot be written in PEFT's format (PEFT lacks the method,
     # or the part changes what a PEFT adapter can express, e.g. the base weights).
     peft_exportable: ClassVar[bool] = True
+    # False where merging the update into the base cannot be exact (a 4-bit base).
+    merge_is_exact: ClassVar[bool] = True
 
     def __init__(self, spec: AdapterSpec):
         self.spec = spec
@@ -101,7 +103,10 @@ class Part:
                     f"incompatible combination: {cls.slot}={cls.name} with {other_slot}={other}: {why}"
                 )
 
-    # ----- model-time hook -------------------------------------------------------------------
+    # ----- model-time hooks ------------------------------------------------------------------
+    def check_target(self, name: str, module: torch.nn.Module) -> None:
+        """Raise ValueError if this part cannot work on `module` (called for every target before any change)."""
+
     def configure(self, adapted: AdaptedModel) -> None:
         """Called once after the adapter layers exist (e.g. LoRA-FA freezes A, LoftQ initialises)."""
 
@@ -122,6 +127,10 @@ class Part:
 
     def finalize(self, adapted: AdaptedModel) -> None:
         """Called once when training ends (e.g. prune, fix a rank pattern)."""
+
+    def summary(self, adapted: AdaptedModel) -> dict[str, Any]:
+        """What this part wants reported after training (e.g. AdaLoRA's ranks), JSON-ready."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Training state this part keeps between steps (for checkpoints)."""
@@ -156,14 +165,15 @@ def register(cls: type[Part]) -> type[Part]:
         raise ValueError(f"part name must be a lowercase identifier, got {name!r}")
     if name in _REGISTRY[slot]:
         raise ValueError(f"{slot} part {name!r} is registered twice")
-    # A subclass inherits its parent's options; only the keys it declares itself are its own.
-    own_options = cls.__dict__.get("options", {})
-    for key in own_options:
+    # An option belongs to the class that declares it (a subclass, or a sibling sharing an
+    # unregistered base class, accepts it too); the same key declared twice is a clash.
+    for key in cls.options:
+        declarer = next(c for c in cls.__mro__ if key in c.__dict__.get("options", {}))
         owner = _OPTION_OWNER.get(key)
-        if owner is not None:
-            raise ValueError(f"option {key!r} of {slot}={name} is already owned by {owner.slot}={owner.name}")
-    for key in own_options:
-        _OPTION_OWNER[key] = cls
+        if owner is not None and owner is not declarer:
+            raise ValueError(f"option {key!r} of {slot}={name} is already declared by {owner.__name__}")
+    for key in cls.options:
+        _OPTION_OWNER[key] = next(c for c in cls.__mro__ if key in c.__dict__.get("options", {}))
     _REGISTRY[slot][name] = cls
     return cls
 
@@ -185,3 +195,9 @@ def names(slot: str) -> list[str]:
 def option_owner(key: str) -> type[Part] | None:
     """The part class that declares option `key` (its subclasses accept it too), if any."""
     return _OPTION_OWNER.get(key)
+
+
+def owner_label(owner: type[Part]) -> str:
+    """"slot=name" of the registered parts that accept an owner's options, e.g. "base=nf4/fp4"."""
+    accepting = [c.name for c in _REGISTRY[owner.slot].values() if issubclass(c, owner)]
+    return f"{owner.slot}={'/'.join(accepting)}"

@@ -68,8 +68,96 @@ def quantized_bytes(n_params: int, blocksize: int = 64, double_quant: bool = Tru
     return codes + blocks + 4 * nested_blocks + code_table + NESTED_BLOCKSIZE * 4 + 4  # + offset
 
 
+def save_quantized(path, quantized: dict) -> None:
+    """Write {layer name: (codes, QuantState)} to one safetensors file (states packed as tensors)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (codes, state) in quantized.items():
+        tensors[f"{name}.weight"] = codes.contiguous()
+        for key, value in state.as_dict(packed=True).items():
+            tensors[f"{name}.weight.{key}"] = value.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_quantized(folder) -> dict:
+    """Read what `save_quantized` wrote (file `weights.safetensors` in `folder`): {layer: (codes, QuantState)}."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / "weights.safetensors"))
+    names = sorted({k[: -len(".weight")] for k in tensors if k.endswith(".weight")})
+    out = {}
+    for name in names:
+        prefix = f"{name}.weight."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        out[name] = (tensors[f"{name}.weight"], bnb_functional().QuantState.from_dict(state, device="cpu"))
+    return out
+
+
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = True) -> float:
     """The asymptotic bits per weight (code tables amortised away)."""
     if not double_quant:
         return 4 + 32 / blocksize
     return 4 + 8 / blocksize + 32 / (NESTED_BLOCKSIZE * blocksize)
+
+
+# ----- the 4-bit frozen base layer -------------------------------------------------------------------
+class QuantizedLinear(torch.nn.Module):
+    """A frozen linear layer whose weight is stored 4-bit by bitsandbytes.
+
+    The forward is dequantize-then-matmul, computed in `compute_dtype` (bf16 on CUDA and
+    fp32 on CPU when "auto"), as bitsandbytes' own Linear4bit does on CPU. It never calls
+    bnb's Linear4bit, whose CPU inference-layout repack after an eval forward silently drops
+    later input gradients (shared/FACTS.md). The codes are a buffer (they move with the
+    model); the quantization state follows them on every `.to()`.
+    """
+
+    def __init__(self, codes: torch.Tensor, state, bias: torch.Tensor | None, in_features: int,
+                 out_features: int, compute_dtype: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("codes", codes)
+        self.state = state
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, quant_type: str, double_quant: bool, blocksize: int,
+                    compute_dtype: str = "auto", prequantized=None) -> "QuantizedLinear":
+        if prequantized is not None:
+            codes, state = prequantized
+        else:
+            codes, state = quantize_weight(linear.weight.detach().float(), quant_type, double_quant, blocksize)
+        device = linear.weight.device
+        state.to(device)  # in place
+        return cls(codes.to(device), state, linear.bias, linear.in_features, linear.out_features, compute_dtype)
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.codes.is_cuda else torch.float32
+        return getattr(torch, self.compute_dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) weight, dequantized (in the state's original dtype)."""
+        return dequantize_weight(self.codes, self.state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype_for(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.dequantized().to(dtype), bias).to(x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self.state.to(self.codes.device)  # QuantState.to moves its tensors in place
+        return out
+
+    def storage_bytes(self) -> int:
+        """Codes + quantization state + bias, as held in memory."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return state_bytes(self.codes, self.state) + bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, {self.state.quant_type}, "
+                f"double_quant={self.state.nested}, blocksize={self.state.blocksize}")

@@ -11,6 +11,13 @@ the project are presets, i.e. data:
     lora_fa     layer=lora, optimizer=lora_fa   Zhang et al. 2023, arXiv 2308.03303
     lora_plus   layer=lora, optimizer=lora_plus Hayou et al. 2024, arXiv 2402.12354
     delta_lora  layer=lora, step=delta_lora     Zi et al. 2023, arXiv 2309.02411
+    qlora       layer=lora, base=nf4, optimizer=paged_adamw (r 64, alpha 16)
+                                                Dettmers et al. 2023, arXiv 2305.14314
+    loftq       layer=lora, base=nf4, init=loftq
+                                                Li et al. 2023, arXiv 2310.08659
+    adalora     layer=adalora (init r 12, target_r 8)
+                                                Zhang et al. 2023, arXiv 2303.10512
+    sora        layer=sora                      Ding et al. 2023, arXiv 2311.11696
 
 Every check happens when the spec is built, before any model is touched: unknown parts,
 bad numbers, unknown options and incompatible combinations raise a ValueError that
@@ -35,6 +42,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora_fa": {"optimizer": "lora_fa"},
     "lora_plus": {"optimizer": "lora_plus"},
     "delta_lora": {"step": "delta_lora"},
+    "qlora": {"base": "nf4", "optimizer": "paged_adamw", "r": 64, "alpha": 16},
+    "loftq": {"base": "nf4", "init": "loftq"},
+    "adalora": {"layer": "adalora", "r": 12, "target_r": 8},
+    "sora": {"layer": "sora"},
 }
 
 
@@ -172,7 +183,7 @@ class AdapterSpec:
                 raise ValueError(f"unknown option {key!r} = {value!r} (known for this spec: {', '.join(known)})")
             if not issubclass(selected[owner.slot], owner):
                 raise ValueError(
-                    f"option {key!r} belongs to {owner.slot}={owner.name}, but this spec uses "
+                    f"option {key!r} belongs to {_parts.owner_label(owner)}, but this spec uses "
                     f"{owner.slot}={getattr(self, owner.slot)}"
                 )
             out[key] = owner.options[key].coerce(key, value)

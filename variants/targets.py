@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .core import SUPPORTED_BASE_LAYERS, AdapterLayer
+from .core import FOREIGN_QUANTIZED, SUPPORTED_BASE_LAYERS, AdapterLayer
 from .spec import ALL_LINEAR
 
 
@@ -30,6 +30,10 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
         raise ValueError(f"{type(model).__name__} already carries adapter layers; build on a fresh base model")
     if patterns == (ALL_LINEAR,):
         head = _output_head(model)
+        foreign = [n for n, m in named if type(m).__name__ in FOREIGN_QUANTIZED]
+        if foreign:
+            raise ValueError(f"{foreign[0]!r} is a {type(model.get_submodule(foreign[0])).__name__} quantized by "
+                             "another library; load the base in full precision and use base=nf4")
         found = [(n, m) for n, m in named
                  if isinstance(m, SUPPORTED_BASE_LAYERS) and m is not head and n.rsplit(".", 1)[-1] != "lm_head"]
         if not found:
@@ -45,6 +49,11 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
                 f"(its linear layers are named: {', '.join(leaves)})"
             )
         for n, m in hits:
+            if type(m).__name__ in FOREIGN_QUANTIZED:
+                raise ValueError(
+                    f"target pattern {pattern!r} matches {n!r}, a {type(m).__name__} quantized by another library; "
+                    "load the base in full precision and use base=nf4 (this library quantizes it itself)"
+                )
             if not isinstance(m, SUPPORTED_BASE_LAYERS):
                 raise ValueError(
                     f"target pattern {pattern!r} matches {n!r}, a {type(m).__name__}; only linear layers "

@@ -23,9 +23,9 @@ import math
 import torch
 from torch import nn
 
-from .core import AdapterLayer, in_out_features
+from .core import AdapterLayer, in_out_features, module_device
 from .functional import vera_linear
-from .layer_kind import LayerKind, adapter_dtype
+from .layer_kind import LayerKind, adapter_kwargs
 from .parts import Option, register
 
 PROJECTIONS_ATTR = "vera_projections"
@@ -60,7 +60,7 @@ class VeRALayer(AdapterLayer):
         # Held outside the module tree: the projections belong to the model root, once.
         object.__setattr__(self, "_projections", projections)
         self.r = r
-        kw = {"dtype": adapter_dtype(base_layer), "device": base_layer.weight.device}
+        kw = adapter_kwargs(base_layer)
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
         self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), **kw))
 
@@ -99,7 +99,7 @@ class VeRA(LayerKind):
         shapes = [in_out_features(m) for _, m in targets]
         max_in = max(i for i, _ in shapes)
         max_out = max(o for _, o in shapes)
-        device = targets[0][1].weight.device
+        device = module_device(targets[0][1])
         self.projections = VeRAProjections(self.spec.r, max_in, max_out, self.opts.projection_prng_key).to(device)
 
     def create(self, name: str, base_layer: nn.Module) -> VeRALayer:

@@ -1,0 +1,136 @@
+"""End to end: the real stage scripts through `dvc repro` in a temporary git repository, on a
+tiny random model and 64 training rows (params overrides), then the experiment commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tiny_assets import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd, check=True, timeout=900):
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONWARNINGS": "ignore",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def small_params(model_dir: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["source"] = str(model_dir)
+    params["data"].update(n_train=64, n_validation=8, n_test=8, max_length=32)
+    params["train"].update(steps=3, batch_size=4, warmup_steps=1, eval_interval=2)
+    params["eval"].update(batch_size=8, max_new_tokens=8)
+    keep = {"lora": {}, "dora": {}, "vera": {"r": 16}}
+    params["variants"] = {name: {**params["variants"][name], **extra} for name, extra in keep.items()}
+    params["variant"] = "lora"
+    return params
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    model_dir = save_tiny_model(base / "tiny-model")
+    repo = base / "repo"
+    repo.mkdir()
+    for item in ("variants", "pipeline", "dvc.yaml", ".dvcignore", ".gitignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / item)
+    (repo / "params.yaml").write_text(yaml.safe_dump(small_params(model_dir), sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.analytics", "false"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "init"], repo)
+    first = _run(["dvc", "repro"], repo)
+    return {"path": repo, "first": first.stdout + first.stderr}
+
+
+def test_repro_writes_a_validated_report(repo):
+    from pipeline.schemas import validate_comparison, validate_metrics
+
+    path = repo["path"]
+    for stage in ("prepare", "base", "quantize", "train@lora", "train@dora", "train@vera", "evaluate@vera",
+                  "evaluate_base", "compare", "focus"):
+        assert f"Running stage '{stage}'" in repo["first"]
+    table = validate_comparison(pd.read_csv(path / "reports/comparison.csv"))
+    assert list(table["variant"]) == ["lora", "dora", "vera", "base"]
+    assert table.loc[table["variant"] == "lora", "quality_label"].item() == "baseline"
+    for name in ("lora", "dora", "vera", "base"):
+        row = json.loads((path / f"reports/metrics/{name}.json").read_text())
+        validate_metrics(pd.DataFrame([{k: row[k] for k in table.columns if k in row}]))
+        assert row["n_test"] == 8
+    assert json.loads((path / "reports/metrics/vera.json").read_text())["trainable_params"] > 0
+    for lang in ("comparison.md", "comparison.zh.md"):
+        text = (path / "reports" / lang).read_text()
+        assert "| vera |" in text and "GiB" in text
+    assert "| Variant | Core idea | Memory | Quality | Use case |" in (path / "reports/comparison.md").read_text()
+    assert "| 变体 | 核心改进 | 显存 | 效果 | 适用场景 |" in (path / "reports/comparison.zh.md").read_text()
+    for png in ("loss_curves.png", "quality_vs_params.png", "quality_vs_memory.png"):
+        assert (path / "reports/plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = pd.read_csv(path / "reports/curves/dora.csv")
+    assert list(curve["step"]) == [1, 2, 3] and curve["val_loss"].notna().sum() == 2
+    assert json.loads((path / "reports/focus.json").read_text())["variant"] == "lora"
+    # only declared outputs: no temporary folders left behind
+    assert not list(path.glob("models/.*tmp*")) and not list(path.glob("reports/.*tmp*"))
+
+
+def test_second_repro_does_nothing(repo):
+    again = _run(["dvc", "repro"], repo["path"])
+    assert "Running stage" not in again.stdout
+    status = _run(["dvc", "status"], repo["path"])
+    assert "up to date" in status.stdout
+
+
+def test_mlflow_holds_one_finished_run_per_variant(repo):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo['path'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lora-variants"])
+    assert sorted(runs["tags.variant"]) == ["dora", "lora", "vera"]
+    assert set(runs["status"]) == {"FINISHED"}
+    assert runs["metrics.phoneme_error_rate"].notna().all() and runs["metrics.eval_loss"].notna().all()
+    assert set(runs["tags.dvc_exp_name"]) == {"not_a_dvc_experiment"}
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_exp_run_variant_retrains_nothing_and_shows_its_metrics(repo):
+    path = repo["path"]
+    out = _run(["dvc", "exp", "run", "-S", "variant=vera"], path)
+    text = out.stdout + out.stderr
+    assert "Running stage 'focus'" in text
+    assert "Running stage 'train@" not in text and "Running stage 'evaluate@" not in text
+    assert json.loads((path / "reports/focus.json").read_text())["variant"] == "vera"
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], path).stdout)
+    assert "vera" in json.dumps(shown)
+
+
+def test_exp_run_with_a_variant_param_retrains_that_variant_only(repo):
+    path = repo["path"]
+    out = _run(["dvc", "exp", "run", "-S", "variant=vera", "-S", "variants.vera.r=8"], path)
+    text = out.stdout + out.stderr
+    assert "Running stage 'train@vera'" in text and "Running stage 'evaluate@vera'" in text
+    assert "Running stage 'train@lora'" not in text and "Running stage 'train@dora'" not in text
+    assert json.loads((path / "reports/metrics/vera.json").read_text())["trainable_params"] == sum(
+        layer_out + 8 for layer_out in [32, 16, 16, 32, 48, 48, 32] * 2)
