@@ -162,6 +162,9 @@ S = {
                            "intervals of every difference include zero (lowest {metric}: **{name}**, {value:.3f}). "
                            "A larger budget or test set is needed to rank them."),
         "g_speed": "- **Faster training**: **{name}** — {tps:.0f} tokens/s (LoRA: {lora:.0f}).",
+        "g_speed_none": ("- **Faster training**: no variant trains measurably faster than LoRA here (fastest: {name}, "
+                         "{tps:.0f} vs {lora:.0f} tokens/s; a gain under {margin:.2f}x is within this machine's timing "
+                         "noise)."),
         "g_params": "- **Many adapters / multi-task**: **{name}** — {params} trainable parameters ({ratio:.1%} of LoRA's), adapter file {size}.",
         "g_general": "- **General purpose**: **{name}** — {why}.",
         "g_general_lora": "LoRA: no variant was measurably better at this budget",
@@ -169,6 +172,20 @@ S = {
         "g_worse": "- **Measurably worse here**: {names} (at this budget; see §2).",
         "t5": "## 5. Plots",
         "t6": "## 6. Notes",
+        "t_ranks": "## 3b. Where the adaptive methods put their rank",
+        "ranks_intro": ("Mean rank kept per module kind after training (AdaLoRA: triplets left by the budget "
+                        "schedule; SoRA: gates that are not exactly zero), from the adapters' own reports."),
+        "ranks_variant": "Variant",
+        "ranks_total": "Kept / initial",
+        "ranks_depth": "- {name}: first third of the layers keeps {first:.1f} on average, last third {last:.1f}.",
+        "note_4bit": ("4-bit base ({name}): the frozen weights take {q} in memory against {f} in fp32 "
+                      "({ratio:.1f}x less), measured on the real tensors (codes + quantization state)."),
+        "note_loftq": ("LoftQ divides its SVD factors by the scale s, so deq(Q) + s·BA is the intended "
+                       "approximation for any alpha; PEFT's loftq_init does not divide and is exact only when "
+                       "alpha = r (peft#1982)."),
+        "note_adalora": ("AdaLoRA follows PEFT's RankAllocator exactly (budget floored, masking after tinit, forced "
+                         "at T − tfinal, unsquared orthogonality norms); unlike PEFT 0.21.2, whose `ranknum` "
+                         "stays trainable after get_peft_model, ranknum is the constant init_r as in the paper."),
         "notes": [
             "Every method is this project's own implementation (`variants/`); LoRA, rsLoRA, DoRA, VeRA, LoRA-FA and "
             "LoRA+ match PEFT 0.21.2 numerically (tests/test_parity_peft.py, tests/test_methods.py).",
@@ -209,6 +226,8 @@ S = {
         "g_quality_none": ("- **该预算下效果最好**：没有变体在噪声之外与 LoRA 拉开差距：所有差值的 95% 区间都包含 0"
                            "（{metric} 最低的是 **{name}**，{value:.3f}）。需要更大的训练预算或测试集才能排序。"),
         "g_speed": "- **加速训练**：**{name}** —— {tps:.0f} 词元/秒（LoRA：{lora:.0f}）。",
+        "g_speed_none": ("- **加速训练**：这里没有变体比 LoRA 可测量地更快（最快的是 {name}，{tps:.0f} 对 {lora:.0f} 词元/秒；"
+                         "低于 {margin:.2f} 倍的差距在本机计时噪声之内）。"),
         "g_params": "- **多任务 / 多适配器**：**{name}** —— {params} 个可训练参数（LoRA 的 {ratio:.1%}），适配器文件 {size}。",
         "g_general": "- **通用场景**：**{name}** —— {why}。",
         "g_general_lora": "LoRA：该预算下没有变体可测量地更好",
@@ -216,6 +235,16 @@ S = {
         "g_worse": "- **该预算下可测量地更差**：{names}（见第 2 节）。",
         "t5": "## 5. 图表",
         "t6": "## 6. 说明",
+        "t_ranks": "## 3b. 自适应方法把秩分配到了哪里",
+        "ranks_intro": "训练后每类模块平均保留的秩（AdaLoRA：预算调度后剩下的三元组；SoRA：不为零的门控），取自适配器自身的报告。",
+        "ranks_variant": "变体",
+        "ranks_total": "保留 / 初始",
+        "ranks_depth": "- {name}：前三分之一的层平均保留 {first:.1f}，后三分之一为 {last:.1f}。",
+        "note_4bit": "4-bit 基座（{name}）：冻结权重在内存中占 {q}，fp32 为 {f}（少 {ratio:.1f} 倍），按真实张量（编码 + 量化状态）测得。",
+        "note_loftq": ("LoftQ 把 SVD 因子除以缩放系数 s，因此对任意 alpha，deq(Q) + s·BA 都是预期的近似；PEFT 的 loftq_init "
+                       "不做除法，只有 alpha = r 时才精确（peft#1982）。"),
+        "note_adalora": ("AdaLoRA 完全按照 PEFT 的 RankAllocator（预算取整、tinit 之后才剪枝、在 T − tfinal 强制剪枝、正交项范数不平方）；"
+                         "PEFT 0.21.2 在 get_peft_model 之后 `ranknum` 仍可训练，这里按论文保持为常数 init_r。"),
         "notes": [
             "所有方法都是本项目自己的实现（`variants/`）；LoRA、rsLoRA、DoRA、VeRA、LoRA-FA、LoRA+ 与 PEFT 0.21.2 数值一致"
             "（tests/test_parity_peft.py、tests/test_methods.py）。",
@@ -284,12 +313,68 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
                                         err=quant["relative_error_mean"], worst=quant["relative_error_max"])]
     lines += [""]
 
+    lines += ranks_section(lang, params, rows)
     lines += [s["t4"], ""] + guide(lang, params, rows, derived, projs, g2p, metric) + [""]
     lines += [s["t5"], "", "![loss curves](plots/loss_curves.png)", "",
               "![quality vs trainable parameters](plots/quality_vs_params.png)", "",
               "![quality vs peak memory](plots/quality_vs_memory.png)", ""]
-    lines += [s["t6"], ""] + [f"- {n}" for n in s["notes"]] + [""]
+    notes = list(s["notes"])
+    specs = {n: v.spec for n, v in params.variants.items()}
+    four_bit = [n for n, sp in specs.items() if sp.base != "full"]
+    full = [n for n, sp in specs.items() if sp.base == "full"]
+    if four_bit and full:
+        q, f = rows[four_bit[0]], rows[full[0]]
+        notes.append(s["note_4bit"].format(name=four_bit[0], q=R.fmt_bytes(q["base_weight_bytes"]),
+                                           f=R.fmt_bytes(f["base_weight_bytes"]),
+                                           ratio=f["base_weight_bytes"] / q["base_weight_bytes"]))
+    if any(sp.init == "loftq" for sp in specs.values()):
+        notes.append(s["note_loftq"])
+    if any(sp.layer == "adalora" for sp in specs.values()):
+        notes.append(s["note_adalora"])
+    lines += [s["t6"], ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _module_kind(layer_name: str) -> str:
+    return layer_name.rsplit(".", 1)[-1]
+
+
+def ranks_section(lang: str, params: Params, rows) -> list[str]:
+    """AdaLoRA's final rank pattern and SoRA's kept ranks, averaged per module kind."""
+    s = S[lang]
+    found = []
+    for name, v in params.variants.items():
+        layer_part = rows[name].get("parts", {}).get("layer", {})
+        ranks = layer_part.get("rank_pattern") or layer_part.get("kept_ranks")
+        if ranks:
+            found.append((name, v.spec.r, ranks))
+    if not found:
+        return []
+    kinds = sorted({_module_kind(layer) for _, _, ranks in found for layer in ranks})
+    out = [s["t_ranks"], "", s["ranks_intro"], "",
+           "| " + s["ranks_variant"] + " | " + " | ".join(kinds) + " | " + s["ranks_total"] + " |",
+           "|---|" + "---|" * (len(kinds) + 1)]
+    for name, r, ranks in found:
+        cells = []
+        for kind in kinds:
+            values = [k for layer, k in ranks.items() if _module_kind(layer) == kind]
+            cells.append(f"{sum(values) / len(values):.1f}" if values else "—")
+        total = sum(ranks.values())
+        out.append(f"| {name} (r={r}) | " + " | ".join(cells) + f" | {total}/{r * len(ranks)} ({total / (r * len(ranks)):.0%}) |")
+    by_depth = []
+    for name, r, ranks in found:
+        layers = {}
+        for layer, k in ranks.items():
+            parts = layer.split(".")
+            idx = next((int(p) for p in parts if p.isdigit()), None)
+            if idx is not None:
+                layers.setdefault(idx, []).append(k)
+        if layers:
+            depth = sorted(layers)
+            first, last = depth[: max(1, len(depth) // 3)], depth[-max(1, len(depth) // 3):]
+            mean = lambda ids: sum(sum(layers[i]) for i in ids) / sum(len(layers[i]) for i in ids)  # noqa: E731
+            by_depth.append(s["ranks_depth"].format(name=name, first=mean(first), last=mean(last)))
+    return out + [""] + by_depth + [""]
 
 
 def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[str]:
@@ -309,8 +394,11 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
     else:
         out.append(s["g_quality_none"].format(name=best, metric=metric, value=key(best)))
     fast = max(names, key=lambda n: rows[n]["tokens_per_second"])
-    out.append(s["g_speed"].format(name=fast, tps=rows[fast]["tokens_per_second"],
-                                   lora=lora["tokens_per_second"] if lora else float("nan")))
+    if lora and rows[fast]["tokens_per_second"] >= R.SPEED_MARGIN * lora["tokens_per_second"]:
+        out.append(s["g_speed"].format(name=fast, tps=rows[fast]["tokens_per_second"], lora=lora["tokens_per_second"]))
+    else:
+        out.append(s["g_speed_none"].format(margin=R.SPEED_MARGIN, name=fast, tps=rows[fast]["tokens_per_second"],
+                                            lora=lora["tokens_per_second"] if lora else float("nan")))
     few = min(names, key=lambda n: rows[n]["trainable_params"])
     out.append(s["g_params"].format(name=few, params=R.fmt_params(rows[few]["trainable_params"]),
                                     ratio=rows[few]["trainable_params"] / lora["trainable_params"] if lora else float("nan"),

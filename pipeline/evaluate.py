@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 import variants
 from pipeline.errors import DataError
@@ -105,7 +104,9 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
              "n_test": len(test_ex), "task": "g2p" if g2p else params.data.source,
              "lr": summary["lr"] if summary else None,
              "final_train_loss": summary["final_loss"] if summary else None,
-             "peak_memory_method": summary["peak_memory_method"] if summary else peak.method}
+             "peak_memory_method": summary["peak_memory_method"] if summary else peak.method,
+             "parts": summary.get("parts", {}) if summary else {},
+             "spec": summary["spec"] if summary else None}
     lines = []
     for rec, pred, ref in zip(test_records, predictions, references):
         lines.append(json.dumps({"id": rec["id"], "prediction": pred, "reference": ref,

@@ -25,6 +25,9 @@ import variants
 from variants.parts import SLOTS, part_class
 
 BOOTSTRAP_SAMPLES = 2000
+# Step times on a shared 2-core machine vary by ±15% between identical runs (two variants with
+# the same computation measured 144 vs 175 tokens/s): only a larger gap counts as faster.
+SPEED_MARGIN = 1.25
 DEFAULT_PARTS = {"scaling": "standard", "base": "full", "init": "default", "optimizer": "adamw", "step": "none"}
 
 
@@ -127,7 +130,7 @@ def use_cases(rows: dict[str, dict], qualities: dict, memories: dict, reference:
                 cases.append("memory")
             if qualities[name][0] == "better":
                 cases.append("quality")
-            if row["tokens_per_second"] >= 1.05 * ref["tokens_per_second"]:
+            if row["tokens_per_second"] >= SPEED_MARGIN * ref["tokens_per_second"]:
                 cases.append("speed")
             if qualities[name][0] == "worse":
                 cases.append("avoid_here")

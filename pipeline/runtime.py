@@ -38,6 +38,20 @@ def configure_cpu() -> None:
     torch.set_flush_denormal(True)
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS would still count
+    what model loading or LoftQ's SVDs freed before the measured section)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _vm_hwm_bytes() -> int | None:
     try:
         with open("/proc/self/status") as handle:
@@ -60,6 +74,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         self._started = time.perf_counter()
+        release_free_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -72,7 +72,11 @@ class FourBitBase(BaseStorage):
 
     def configure(self, adapted) -> None:
         if self.opts.gradient_checkpointing:
-            adapted.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = adapted.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @register
