@@ -233,4 +233,4 @@ class AdaLoRA(LayerKind):
         self.exp_avg_ipt = dict(state.get("exp_avg_ipt", {}))
         self.exp_avg_unc = dict(state.get("exp_avg_unc", {}))
         self.rank_mask = state.get("rank_mask")
-        self.budget_history = list(state.get("budget_history", []))
+        self.budget_history = [tuple(entry) for entry in state.get("budget_history", [])]

@@ -48,6 +48,7 @@ class DeltaLoRA(Part):
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._residual: dict[str, torch.Tensor] = {}
+        self._layers: dict = {}
 
     @classmethod
     def check_spec(cls, spec) -> None:
@@ -117,8 +118,16 @@ class DeltaLoRA(Part):
             self._add_to_weight(name, layer, torch.cat([layer.lora_B, b_ref], 1), torch.cat([layer.lora_A, -a_ref], 0), coeff)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": dict(self.reference), "residual": dict(self._residual)}
+        # The base weights are part of the training state here: W moved with every step.
+        return {"reference": dict(self.reference), "residual": dict(self._residual),
+                "weights": {name: layer.base_layer.weight for name, layer in self._layers.items()}}
 
+    def configure(self, adapted) -> None:
+        self._layers = adapted.layers
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reference = dict(state.get("reference", {}))
+        self.reference = {k: tuple(v) for k, v in state.get("reference", {}).items()}
         self._residual = dict(state.get("residual", {}))
+        for name, weight in state.get("weights", {}).items():
+            self._layers[name].base_layer.weight.copy_(weight)

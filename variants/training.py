@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .model import AdaptedModel
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -97,11 +98,14 @@ def model_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tor
 def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], settings: TrainSettings,
           on_step: Callable[[StepRecord], None] | None = None,
           loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] = model_loss,
+          checkpoint: Checkpointer | None = None,
           ) -> list[StepRecord]:
     """Train `adapted` for `settings.steps` optimizer steps on `batches` (cycled if shorter).
 
     `loss_fn(model, batch)` gives the task loss (default: the model's own); `on_step` sees
-    each step's record as soon as the step is done (progress, curves, checkpoints).
+    each step's record as soon as the step is done (progress, curves). With a `checkpoint`,
+    the state is saved every `checkpoint.every` steps, and a run that finds a matching
+    checkpoint resumes from it (skipping the batches already consumed) to the same result.
     """
     model = adapted.model
     optimizer = adapted.optimizer(settings.lr, settings.weight_decay, settings.betas, settings.eps)
@@ -109,9 +113,17 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
     params = adapted.trainable_parameters()
     records: list[StepRecord] = []
+    start = 0
+    if checkpoint is not None:
+        state = checkpoint.load()
+        if state is not None:
+            start = _restore(adapted, optimizer, scheduler, state)
+            records = [StepRecord(**r) for r in state["records"]]
     model.train()
     stream = _cycle(batches)
-    for step in range(settings.steps):
+    for _ in range(start):
+        next(stream)  # the batches the checkpointed steps consumed
+    for step in range(start, settings.steps):
         started = time.perf_counter()
         batch = next(stream)
         loss = loss_fn(model, batch)
@@ -133,8 +145,40 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
         records.append(record)
         if on_step is not None:
             on_step(record)
+        if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < settings.steps:
+            checkpoint.save(_capture(adapted, optimizer, scheduler, step + 1, records))
     adapted.finalize()
     return records
+
+
+def _capture(adapted: AdaptedModel, optimizer, scheduler, step: int, records: list[StepRecord]) -> dict:
+    return {
+        "step": step,
+        "adapter": {f"{name}.{key}": t for name, layer in adapted.layers.items()
+                    for key, t in layer.adapter_state().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "parts": adapted.hooks_state_dict(),
+        "records": [dict(vars(r)) for r in records],
+    }
+
+
+@torch.no_grad()
+def _restore(adapted: AdaptedModel, optimizer, scheduler, state: dict) -> int:
+    tensors = state["adapter"]
+    for name, layer in adapted.layers.items():
+        for key, target in layer.adapter_state().items():
+            saved = tensors[f"{name}.{key}"]
+            if tuple(saved.shape) != tuple(target.shape):
+                raise ValueError(f"checkpoint tensor {name}.{key} has shape {tuple(saved.shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            target.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    adapted.load_hooks_state_dict(state["parts"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
