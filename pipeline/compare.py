@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline import report as R
 from pipeline.evaluate import BASELINE, metrics_path, predictions_path
-from pipeline.files import atomic_folder, atomic_write_text
+from pipeline.files import commit_outputs
 from pipeline.params import ParamsError, Params, load_params
 from pipeline.projection import project
 from pipeline.schemas import COMPARISON_COLUMNS, METRIC_COLUMNS, validate_comparison
@@ -430,11 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         "CPU" if params.train.device == "cpu" or not __import__("torch").cuda.is_available() else "cuda")
     buf = io.StringIO()
     table.to_csv(buf, index=False)
-    with atomic_folder(PLOTS) as tmp:
-        make_plots(tmp, rows, curves, g2p)
-    atomic_write_text(CSV, buf.getvalue())
-    for lang, path in MD.items():
-        atomic_write_text(path, render(lang, params, rows, table, derived, projs, quant, g2p, device))
+    # everything is rendered before anything is replaced: a failure keeps the previous report
+    files = {CSV: buf.getvalue(), **{path: render(lang, params, rows, table, derived, projs, quant, g2p, device)
+                                     for lang, path in MD.items()}}
+    commit_outputs(files, {PLOTS: lambda tmp: make_plots(tmp, rows, curves, g2p)})
     print(f"compare: wrote {CSV}, {MD['en']}, {MD['zh']} and {PLOTS}/ for {len(params.variants)} variants", flush=True)
     return 0
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 import variants
 from pipeline.errors import DataError
-from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
 from pipeline.lm import encode_records, generate, mean_response_loss
 from pipeline.metrics import edit_distance, exact_match, normalize_generation, phoneme_error_rate
@@ -112,8 +112,8 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         lines.append(json.dumps({"id": rec["id"], "prediction": pred, "reference": ref,
                                  "edits": edit_distance(pred.split(), ref.split()), "ref_len": len(ref.split()),
                                  "exact": pred == ref}, ensure_ascii=False))
-    atomic_write_text(predictions_path(label), "\n".join(lines) + "\n")
-    atomic_write_json(metrics_path(label), {**row, **extra})
+    commit_outputs({predictions_path(label): "\n".join(lines) + "\n",
+                    metrics_path(label): json.dumps({**row, **extra}, indent=2, sort_keys=True, allow_nan=False) + "\n"})
 
     if name is not None:
         run_info = json.loads((Path(adapter_dir(name)) / "mlflow.json").read_text())

@@ -13,7 +13,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from variants.io import swap_folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -51,17 +53,46 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o755)
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / "previous", target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_outputs(files: dict[str, bytes | str] | None = None,
+                   folders: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """Write several outputs so that a failure leaves every previous output as it was.
+
+    Every file's bytes and every folder (built by `folders[path](tmp_folder)`) are first
+    written to temporary siblings; only when all of them exist are they renamed into place.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in (files or {}).items():
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+            staged.append((Path(tmp), target))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            os.chmod(tmp, 0o644)
+        for path, build in (folders or {}).items():
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            staged.append((tmp, target))
+            os.chmod(tmp, 0o755)
+            build(tmp)
+    except BaseException:
+        for tmp, _ in staged:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        raise
+    for tmp, target in staged:
+        if tmp.is_dir():
+            swap_folder(tmp, target)
+        else:
+            os.replace(tmp, target)

@@ -93,6 +93,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
     grad_clip: float | None = field(default=1.0, metadata=POSITIVE)
     eval_interval: int = field(default=10, metadata=NON_NEGATIVE_INT)
+    checkpoint_interval: int = field(default=4, metadata=NON_NEGATIVE_INT)  # 0: no checkpoints
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
 
 
@@ -220,9 +221,26 @@ def _check_cross_fields(params: Params, label: str) -> None:
         if spec.layer == "adalora" and total != params.train.steps:
             raise ParamsError(f"{label}: variants.{name}.total_step ({total}) must equal train.steps "
                               f"({params.train.steps}): AdaLoRA's budget schedule runs over the whole training")
+    uri = params.tracking.uri
+    if uri is not None and not _tracking_uri_ok(uri):
+        raise ParamsError(f"{label}: tracking.uri must be null, an http(s):// server or a sqlite:/// file inside "
+                          f"this repository (stages write nowhere else), got {uri!r}")
     if params.train.warmup_steps >= params.train.steps:
         raise ParamsError(f"{label}: train.warmup_steps ({params.train.warmup_steps}) must be smaller than "
                           f"train.steps ({params.train.steps})")
+
+
+def _tracking_uri_ok(uri: str) -> bool:
+    if uri.startswith(("http://", "https://")):
+        return True
+    if uri.startswith("sqlite:///"):
+        from pipeline.runtime import repo_root
+
+        target = Path(uri[len("sqlite:///"):]).expanduser()
+        root = Path(repo_root()).resolve()
+        resolved = (root / target).resolve() if not target.is_absolute() else target.resolve()
+        return resolved == root or root in resolved.parents
+    return False
 
 
 def _looks_like_path(source: str) -> bool:

@@ -19,9 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from pipeline.files import atomic_folder, atomic_write_json, atomic_write_text
+from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
 from pipeline.params import ParamsError, load_params
 from pipeline.runtime import Progress, configure_cpu
@@ -76,15 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         "relative_error_mean": sum(r["relative_error"] for r in rows) / len(rows),
         "relative_error_max": max(r["relative_error"] for r in rows),
     }
-    with atomic_folder(OUT) as tmp:
+    def write_weights(tmp: Path) -> None:
         save_quantized(tmp / "weights.safetensors", quantized)
         (tmp / "summary.json").write_text(json.dumps({**metrics, "layers": [r["layer"] for r in rows]}, indent=2))
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(LAYERS, buf.getvalue())
-    atomic_write_json(METRICS, metrics)
+    commit_outputs({LAYERS: buf.getvalue(), METRICS: json.dumps(metrics, indent=2, sort_keys=True) + "\n"},
+                   {OUT: write_weights})
     print(f"quantize: {len(rows)} layers, {all_bytes / 2**20:.0f} MiB fp32 -> {(layer_bytes + other_bytes) / 2**20:.0f} MiB "
           f"({metrics['bits_per_param_measured']:.3f} bits/param in quantized layers), "
           f"relative error mean {metrics['relative_error_mean']:.4f}", flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -25,6 +26,7 @@ from typing import Any, Iterable, Mapping
 from pipeline.runtime import repo_root
 
 _DISABLED_REASON: str | None = None
+LOCK_RETRIES = 20
 
 
 def _warn_once(reason: str) -> None:
@@ -62,6 +64,9 @@ class Tracker:
         self._mlflow = None
         if enabled:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            # An unreachable server must cost seconds, not minutes of retries with backoff.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             try:
                 import mlflow
 
@@ -80,21 +85,32 @@ class Tracker:
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
         if self._mlflow is None:
             return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            _warn_once(f"{what} failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
-            self._mlflow = None
-            return None
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                # Parallel experiments (dvc queue start -j 2) share the sqlite store: a writer
+                # may find it locked for a moment. Wait and retry; give up on anything else.
+                if "database is locked" in str(err) and attempt < LOCK_RETRIES:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                _warn_once(f"{what} failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+                self._mlflow = None
+                return None
 
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
+        """Open a new run, or continue `run_id` (a resumed training, an evaluation)."""
         def go():
             mlflow = self._mlflow
             if run_id is not None:
-                run = mlflow.start_run(run_id=run_id)
-            else:
-                run = mlflow.start_run(run_name=run_name, tags=dict(tags))
-            return run.info.run_id
+                try:
+                    return mlflow.start_run(run_id=run_id).info.run_id
+                except Exception as err:
+                    if "database is locked" in str(err):
+                        raise
+                    print(f"WARNING: MLflow run {run_id} cannot be continued ({type(err).__name__}); "
+                          "starting a new one", file=sys.stderr, flush=True)
+            return mlflow.start_run(run_name=run_name, tags=dict(tags)).info.run_id
         self.run_id = self._call("start_run", go)
         return self.run_id
 

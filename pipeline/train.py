@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import variants
 from pipeline.errors import DataError
-from pipeline.files import atomic_folder, atomic_write_text
+from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
 from pipeline.lm import encode_records, mean_response_loss, response_loss, training_batches
 from pipeline.params import ParamsError, load_params
@@ -46,6 +48,22 @@ CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "secon
 
 def adapter_dir(name: str) -> str:
     return f"models/adapters/{name}"
+
+
+def checkpoint_dir(name: str) -> str:
+    return f"models/checkpoints/{name}"
+
+
+def run_fingerprint(params, vcfg) -> str:
+    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"spec": vcfg.spec.to_dict(), "lr": vcfg.learning_rate(params.train),
+                              "train": vars(params.train), "seed": params.seed,
+                              "max_length": params.data.max_length}, sort_keys=True, default=str).encode())
+    for path in sorted(Path("data/prepared").glob("*.jsonl")) + [Path(BASE) / "summary.json"]:
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def curve_path(name: str) -> str:
@@ -75,15 +93,27 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
     batches = ({k: v.to(device) for k, v in b.items()}
                for b in training_batches(train_ex, train_cfg.batch_size, train_cfg.steps, params.seed, pad_id))
 
-    tracker = Tracker(params.tracking.enabled, params.tracking.experiment, params.tracking.uri)
-    tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer})
-    tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()},
-                        **{f"train.{k}": v for k, v in vars(train_cfg).items()}, "train.lr_used": settings.lr,
-                        "seed": params.seed, "model.source": params.model.source,
-                        "data.source": params.data.source, "data.n_train": params.data.n_train})
-
     rows: list[dict] = []
+    tracker = Tracker(params.tracking.enabled, params.tracking.experiment, params.tracking.uri)
+    checkpoint = None
+    previous = None
+    if train_cfg.checkpoint_interval:
+        # The checkpoint also carries the curve so far and the MLflow run to continue.
+        checkpoint = variants.Checkpointer(checkpoint_dir(name), train_cfg.checkpoint_interval,
+                                           run_fingerprint(params, vcfg),
+                                           get_extra=lambda: {"rows": rows, "run_id": tracker.run_id})
+        previous = checkpoint.load()
+        if previous is not None:
+            print(f"[{name}] resuming from the checkpoint at step {previous['step']} of {train_cfg.steps}", flush=True)
+            rows.extend(previous["extra"]["rows"])
     progress = Progress(name, train_cfg.steps)
+    tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer},
+                  run_id=previous["extra"]["run_id"] if previous is not None else None)
+    if previous is None:
+        tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()},
+                            **{f"train.{k}": v for k, v in vars(train_cfg).items()}, "train.lr_used": settings.lr,
+                            "seed": params.seed, "model.source": params.model.source,
+                            "data.source": params.data.source, "data.n_train": params.data.n_train})
 
     def on_step(record: variants.StepRecord) -> None:
         row = {"step": record.step + 1, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
@@ -100,7 +130,7 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
     started = time.perf_counter()
     try:
         with PeakMemory(device) as peak:
-            variants.train(adapted, batches, settings, on_step=on_step, loss_fn=response_loss)
+            variants.train(adapted, batches, settings, on_step=on_step, loss_fn=response_loss, checkpoint=checkpoint)
     except BaseException:
         tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
         tracker.end("FAILED")
@@ -133,21 +163,24 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    out = adapter_dir(name)
-    with atomic_folder(out) as tmp:
+    def write_adapter(tmp: Path) -> None:
         variants.save(adapted, tmp, metadata={"variant": name, "base": BASE})
         summary["adapter_bytes"] = variants.file_bytes(tmp)
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         (tmp / "mlflow.json").write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}, indent=2))
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    atomic_write_text(curve_path(name), buf.getvalue())
+    commit_outputs({curve_path(name): buf.getvalue()}, {adapter_dir(name): write_adapter})
     tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
     tracker.log_metrics({"train_seconds": step_seconds, "tokens_per_second": summary["tokens_per_second"],
                          "peak_memory_bytes": peak.bytes, "trainable_params": trainable})
     tracker.end("FINISHED")
+    if checkpoint is not None:
+        checkpoint.clear()
+    Path(checkpoint_dir(name)).mkdir(parents=True, exist_ok=True)  # the (persistent) out must exist
     print(f"[{name}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
     return summary

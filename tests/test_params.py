@@ -22,7 +22,10 @@ def test_committed_params_load_into_typed_configs():
     params = load_params(ROOT / "params.yaml")
     assert params.model.source == "smollm2" and params.data.source == "cmudict"
     assert isinstance(params.train.lr, float) and params.train.steps > params.train.warmup_steps
-    assert list(params.variants) == ["lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora"]
+    assert list(params.variants) == ["lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora", "qlora",
+                                     "loftq", "adalora", "sora"]
+    assert params.variants["adalora"].spec.options["total_step"] == params.train.steps
+    assert params.variants["qlora"].spec.base == "nf4" and params.variants["loftq"].spec.init == "loftq"
     assert params.variant in params.variants
     vera = params.variants["vera"]
     assert vera.spec.layer == "vera" and vera.spec.r == 256 and vera.learning_rate(params.train) == 2e-2
@@ -55,7 +58,7 @@ _DELETE = object()
     ("train.schedule", "step", "train.schedule must be one of constant, linear, cosine, got 'step'"),
     ("train.device", "tpu", "train.device must be one of auto, cpu, cuda, got 'tpu'"),
     ("train.grad_clip", 0, "train.grad_clip must be a positive number, got 0"),
-    ("train.warmup_steps", 24, "train.warmup_steps (24) must be smaller than train.steps (24)"),
+    ("train.warmup_steps", 16, "train.warmup_steps (16) must be smaller than train.steps (16)"),
     ("train.tokens", 5, "train.tokens: unknown key"),
     ("trian", {}, "trian: unknown key"),
     ("data.n_test", -1, "data.n_test must be a positive integer, got -1"),
@@ -73,10 +76,15 @@ _DELETE = object()
     ("variants.lora.lr", 0, "variants.lora.lr must be a positive number, got 0"),
     ("variants.vera.optimizer", "lora_fa", "variants.vera: incompatible combination: optimizer=lora_fa with layer=vera"),
     ("variants.delta_lora.dropout", 0.1, "incompatible combination: step=delta_lora with dropout=0.1"),
-    ("variant", "qlora", "variant must name an entry of variants"),
+    ("variant", "qdora", "variant must name an entry of variants"),
     ("variants", {}, "variants must be a non-empty mapping"),
     ("model.source", "./no/such/folder", "model.source: no such model folder './no/such/folder'"),
     ("model.dtype", "int8", "model.dtype must be one of float32, bfloat16, float16, got 'int8'"),
+    ("variants.adalora.total_step", 7, "variants.adalora.total_step (7) must equal train.steps"),
+    ("variants.qlora.quant_blocksize", 128, "variants.qlora asks base=nf4, double_quant=True, quant_blocksize=128"),
+    ("tracking.uri", "sqlite:////tmp/elsewhere.db", "tracking.uri must be null, an http(s):// server or a sqlite:///"),
+    ("tracking.uri", "file:///tmp/mlruns", "tracking.uri must be null"),
+    ("train.checkpoint_interval", -1, "train.checkpoint_interval must be a non-negative integer, got -1"),
 ])
 def test_bad_params_fail_with_key_path_and_value(raw, path, value, fragment):
     with pytest.raises(ParamsError) as err:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +65,9 @@ def repo(tmp_path_factory):
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "init"], repo)
     first = _run(["dvc", "repro"], repo)
+    # a user commits the results before experimenting (queued experiments start from HEAD)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "results"], repo)
     return {"path": repo, "first": first.stdout + first.stderr}
 
 
@@ -100,6 +105,7 @@ def test_second_repro_does_nothing(repo):
     assert "Running stage" not in again.stdout
     status = _run(["dvc", "status"], repo["path"])
     assert "up to date" in status.stdout
+    assert _run(["git", "status", "--porcelain"], repo["path"]).stdout == ""  # nothing undeclared was written
 
 
 def test_mlflow_holds_one_finished_run_per_variant(repo):
@@ -134,3 +140,41 @@ def test_exp_run_with_a_variant_param_retrains_that_variant_only(repo):
     assert "Running stage 'train@lora'" not in text and "Running stage 'train@dora'" not in text
     assert json.loads((path / "reports/metrics/vera.json").read_text())["trainable_params"] == sum(
         layer_out + 8 for layer_out in [32, 16, 16, 32, 48, 48, 32] * 2)
+
+
+def _wait_for_queue(path, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _run(["dvc", "queue", "status"], path).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+
+
+def test_queued_sweep_over_the_headline_variant(repo):
+    path = repo["path"]
+    _run(["dvc", "exp", "run", "--queue", "-S", "variant=lora,dora,vera"], path)
+    _run(["dvc", "queue", "start"], path)
+    status = _wait_for_queue(path)
+    assert status.count("Success") == 3 and "Failed" not in status, status
+    shown = json.dumps(json.loads(_run(["dvc", "exp", "show", "--json"], path).stdout))
+    for name in ("lora", "dora", "vera"):
+        assert f'"variant": "{name}"' in shown
+
+
+def test_two_queued_experiments_run_in_parallel_and_both_reach_mlflow(repo):
+    import mlflow
+
+    path = repo["path"]
+    _run(["dvc", "exp", "run", "--queue", "-n", "lora-r2", "-S", "variants.lora.r=2"], path)
+    _run(["dvc", "exp", "run", "--queue", "-n", "dora-r2", "-S", "variants.dora.r=2"], path)
+    _run(["dvc", "queue", "start", "-j", "2"], path)
+    status = _wait_for_queue(path)
+    assert "Failed" not in status, status
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lora-variants"])
+    by_exp = runs[runs["tags.dvc_exp_name"].isin(["lora-r2", "dora-r2"])]
+    assert sorted(by_exp["tags.variant"]) == ["dora", "lora"], runs[["tags.variant", "tags.dvc_exp_name"]]
+    assert set(by_exp["status"]) == {"FINISHED"} and by_exp["metrics.eval_loss"].notna().all()
+    assert set(by_exp["params.spec.r"]) == {"2"}

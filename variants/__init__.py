@@ -8,11 +8,13 @@
     variants.save(adapted, "out/adapter")           # adapter_config.json + adapter.safetensors
     variants.export_peft(adapted, "out/peft")       # loads with peft.PeftModel.from_pretrained
 
-Methods (presets): lora, rslora, dora, vera, lora_fa, lora_plus, delta_lora.
+Methods (presets): lora, qlora, loftq, adalora, sora, lora_plus, dora, rslora, lora_fa, vera,
+delta_lora.
 Parts by slot: `variants.parts.names(slot)`; see shared design notes in the README.
 """
 
 from . import registry  # noqa: F401  (registers every part)
+from .checkpoint import Checkpointer
 from .core import AdapterLayer
 from .io import export_peft, file_bytes, load, save
 from .model import AdaptedModel, build
@@ -32,7 +34,7 @@ def get(name: str, **overrides) -> AdapterSpec:
 
 
 __all__ = [
-    "AdaptedModel", "AdapterLayer", "AdapterSpec", "NonFiniteLossError", "Option", "PRESETS", "Part", "SLOTS",
+    "AdaptedModel", "AdapterLayer", "Checkpointer", "AdapterSpec", "NonFiniteLossError", "Option", "PRESETS", "Part", "SLOTS",
     "StepRecord", "TrainSettings", "build", "export_peft", "file_bytes", "get", "load", "names", "part_class",
     "part_names", "register", "save", "train",
 ]

@@ -36,20 +36,30 @@ WEIGHTS_NAME = "adapter.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def swap_folder(tmp: Path, target: Path) -> None:
+    """Move the complete folder `tmp` to `target`, replacing what was there (if anything)."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "previous")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "previous", target)  # put the previous version back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a fresh temporary folder, then move it to `directory` in one rename."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
     try:
         write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
