@@ -12,7 +12,10 @@ time, and each ratio as the median over rounds of the two times measured in the 
     python bench/step_time.py --out bench/results.md
 
 Targets (issue 2): ours/PEFT <= 0.95 for every variant (DoRA and VeRA <= 0.8) and
-LoRA/floor <= 1.15 on SmolLM2. Delta-LoRA has no PEFT implementation (ours/floor only).
+LoRA/floor <= 1.15 on SmolLM2. Delta-LoRA and SoRA have no PEFT implementation (ours/floor
+only). QLoRA's PEFT side is PEFT's LoRA on bitsandbytes' Linear4bit layers (NF4 + double
+quantization), AdaLoRA's calls PEFT's update_and_allocate every step as ours does. LoftQ
+trains exactly like QLoRA; what it adds is its initialisation, timed separately.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import variants  # noqa: E402
 
-VARIANTS = ["lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora"]
+VARIANTS = ["lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora", "qlora", "adalora", "sora"]
+ADALORA = {"r": 12, "target_r": 8, "alpha": 16, "tinit": 10, "tfinal": 10, "total_step": 10_000}
 TARGETS = {"dora": 0.8, "vera": 0.8}
 R, ALPHA, VERA_R, LR = 8, 16, 256, 1e-4
 
@@ -61,7 +65,7 @@ def paired_ratio(a: Runner, b: Runner) -> float:
 
 
 def spec_for(name: str) -> variants.AdapterSpec:
-    args = {"r": VERA_R} if name == "vera" else {"r": R, "alpha": ALPHA}
+    args = {"r": VERA_R} if name == "vera" else ADALORA if name == "adalora" else {"r": R, "alpha": ALPHA}
     return variants.get(name, target_modules="all-linear", **args)
 
 
@@ -85,18 +89,45 @@ def ours_runner(name: str, base, batch) -> Runner:
     return Runner(f"ours {name}", step)
 
 
+def bnb_4bit_copy(base):
+    """The base with every linear layer (but the head) replaced by bitsandbytes' Linear4bit (NF4 + DQ),
+    as transformers' BitsAndBytesConfig loading would give; the CPU repack is switched off
+    (FACTS.md: it silently drops input gradients)."""
+    import bitsandbytes as bnb
+
+    from variants.targets import find_targets, replace_module
+
+    model = copy.deepcopy(base)
+    for name, lin in find_targets(model, ("all-linear",)):
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        q.load_state_dict(lin.state_dict())
+        q = q.to("cpu")
+        q.support_avx512bf16_for_cpu = False
+        replace_module(model, name, q)
+    return model
+
+
 def peft_runner(name: str, base, batch) -> Runner | None:
-    from peft import LoraConfig, VeraConfig, get_peft_model
+    from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer, create_lorafa_optimizer
 
-    if name == "delta_lora":
+    if name in ("delta_lora", "sora"):  # not in PEFT
         return None
+    source = bnb_4bit_copy(base) if name == "qlora" else copy.deepcopy(base)
     if name == "vera":
         config = VeraConfig(r=VERA_R, target_modules="all-linear")
+    elif name == "adalora":
+        config = AdaLoraConfig(init_r=ADALORA["r"], target_r=ADALORA["target_r"], lora_alpha=ADALORA["alpha"],
+                               tinit=ADALORA["tinit"], tfinal=ADALORA["tfinal"], total_step=ADALORA["total_step"],
+                               target_modules="all-linear", task_type="CAUSAL_LM")
     else:
         config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
                             use_rslora=name == "rslora", use_dora=name == "dora")
-    model = get_peft_model(copy.deepcopy(base), config)
+    model = get_peft_model(source, config)
+    for n, p in model.named_parameters():
+        if "ranknum" in n:  # PEFT 0.21.2 leaves it trainable; AdaLoRA means it constant
+            p.requires_grad_(False)
     model.train()
     if name == "lora_fa":
         opt = create_lorafa_optimizer(model, r=R, lora_alpha=ALPHA, lr=LR)
@@ -106,10 +137,15 @@ def peft_runner(name: str, base, batch) -> Runner | None:
         # the same AdamW (foreach) that our default optimizer part uses, so the ratio measures the adapters
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, foreach=True)
 
+    state = {"step": 0}
+
     def step():
         opt.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
         opt.step()
+        if name == "adalora":
+            model.base_model.update_and_allocate(state["step"])
+        state["step"] += 1
 
     return Runner(f"peft {name}", step)
 
@@ -189,6 +225,22 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
     return rows
 
 
+def loftq_init_times(base, label: str, repeats: int = 2) -> str:
+    """Build time of LoftQ (quantize + SVD per layer, 1 and 2 rounds) against plain NF4 quantization."""
+    out = []
+    for name, extra in (("qlora", {}), ("loftq", {"loftq_iter": 1}), ("loftq", {"loftq_iter": 2})):
+        times = []
+        for _ in range(repeats):
+            model = copy.deepcopy(base)
+            started = time.perf_counter()
+            variants.build(model, variants.get(name, r=R, alpha=ALPHA, target_modules="all-linear", **extra))
+            times.append(time.perf_counter() - started)
+            del model
+        tag = name if not extra else f"loftq T={extra['loftq_iter']}"
+        out.append(f"| {label} | {tag} | {1000 * statistics.median(times):.0f} |")
+    return "\n".join(["| model | init | build ms (median) |", "|---|---|---:|", *out])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | variant | ours ms | PEFT ms | floor ms | ours/PEFT | target | ours/floor | PEFT/floor |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -222,21 +274,25 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
     rows = []
+    init_tables = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if model_name == "tiny":
             base = tiny_llama()
             rows += measure("tiny Llama h256 L4", base, make_batch(8192, 8, 128), names, args.rounds, args.warmup,
                             pairwise=False)
+            init_tables.append(loftq_init_times(base, "tiny Llama h256 L4"))
         elif model_name == "smollm2":
             base = smollm2()
             b, length = (int(v) for v in args.smollm2_batch.split("x"))
             rows += measure("SmolLM2-135M", base, make_batch(base.config.vocab_size, b, length), names,
                             args.smollm2_rounds, args.warmup, pairwise=True)
+            init_tables.append(loftq_init_times(base, "SmolLM2-135M", repeats=1))
         else:
             parser.error(f"unknown model {model_name!r} (known: tiny, smollm2)")
         del base
         gc.collect()
-    text = table(rows)
+    text = table(rows) + "\n\nLoftQ initialisation on CPU (build time of the whole adapter, quantization included):\n\n" + \
+        "\n\n".join(init_tables)
     print("\n" + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,25 +9,19 @@ atomically, with `summary.json` (architecture, parameter count, dtype) beside th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from pipeline.files import atomic_folder
 from pipeline.gguf_base import convert_gguf, find_smollm2_gguf, load_base
-from pipeline.params import ParamsError, load_params
+from pipeline.stage import start
 
 OUT = "models/base"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"base: {err}", file=sys.stderr)
+    _, params = start("base", __doc__, argv)
+    if params is None:
         return 1
     model_cfg = params.model
     with atomic_folder(OUT) as tmp:

@@ -11,7 +11,6 @@ memory. Labels, use cases and the selection guide are derived from the numbers
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import io
@@ -24,7 +23,8 @@ import pandas as pd
 from pipeline import report as R
 from pipeline.evaluate import BASELINE, metrics_path, predictions_path
 from pipeline.files import commit_outputs
-from pipeline.params import ParamsError, Params, load_params
+from pipeline.params import Params
+from pipeline.stage import start
 from pipeline.projection import project
 from pipeline.schemas import COMPARISON_COLUMNS, METRIC_COLUMNS, validate_comparison
 from pipeline.tracking import git_commit
@@ -414,13 +414,8 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"compare: {err}", file=sys.stderr)
+    _, params = start("compare", __doc__, argv)
+    if params is None:
         return 1
     rows, preds, curves, quant = load_inputs(params)
     g2p = params.data.source == "cmudict"

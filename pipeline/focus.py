@@ -8,14 +8,13 @@ but this: reports/focus.json (declared as DVC metrics) then holds vera's numbers
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from pipeline.evaluate import metrics_path
 from pipeline.files import atomic_write_json
-from pipeline.params import ParamsError, load_params
+from pipeline.stage import start
 
 OUT = "reports/focus.json"
 HEADLINE = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params", "adapter_bytes",
@@ -23,13 +22,8 @@ HEADLINE = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"focus: {err}", file=sys.stderr)
+    _, params = start("focus", __doc__, argv)
+    if params is None:
         return 1
     row = json.loads(Path(metrics_path(params.variant)).read_text())
     focus = {"variant": params.variant, **{k: row[k] for k in HEADLINE}}

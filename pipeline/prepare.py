@@ -10,7 +10,6 @@ previous data/prepared is left untouched.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -19,7 +18,8 @@ import pandas as pd
 from pipeline import g2p
 from pipeline.errors import DataError
 from pipeline.files import atomic_folder
-from pipeline.params import ParamsError, Params, load_params
+from pipeline.params import Params
+from pipeline.stage import start
 from pipeline.schemas import validate_prepared
 
 OUT = "data/prepared"
@@ -54,13 +54,12 @@ def write(frame: pd.DataFrame, out: str = OUT) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+    _, params = start("prepare", __doc__, argv)
+    if params is None:
+        return 1
     try:
-        params = load_params(args.params)
         frame = validate_prepared(to_frame(build_splits(params)))
-    except (ParamsError, DataError, ValueError, ImportError) as err:
+    except (DataError, ValueError, ImportError) as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 1
     write(frame)

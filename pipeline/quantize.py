@@ -12,7 +12,6 @@ QLoRA) once, with bitsandbytes, and writes atomically:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
-from pipeline.params import ParamsError, load_params
+from pipeline.stage import start
 from pipeline.runtime import Progress, configure_cpu
 from pipeline.train import BASE
 from variants.quant import (bits_per_parameter, dequantize_weight, quantize_weight, quantized_bytes, save_quantized,
@@ -35,13 +34,8 @@ LAYERS = "reports/quantize_layers.csv"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"quantize: {err}", file=sys.stderr)
+    _, params = start("quantize", __doc__, argv)
+    if params is None:
         return 1
     q = params.quantize
     configure_cpu()

@@ -111,8 +111,10 @@ class VariantMetrics(pa.DataFrameModel):
     steps: Series[int] = pa.Field(ge=0)
     optimizer: Series[str]
 
+    # The method is named like its check: validating the subclass ComparisonTable renames the
+    # parent's inherited check to its method name (pandera 0.35), so both must agree.
     @pa.check("variant", name="not_blank")
-    def _variant_not_blank(cls, series: pd.Series) -> pd.Series:
+    def not_blank(cls, series: pd.Series) -> pd.Series:
         return _not_blank(series)
 
     class Config:

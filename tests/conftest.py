@@ -119,3 +119,10 @@ def full_precision_presets() -> list[str]:
     import variants
 
     return [n for n in variants.names() if variants.AdapterSpec.from_dict(preset(n)).base == "full"]
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_uri(monkeypatch):
+    # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a test that called it must not
+    # redirect the stores of the tests after it.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

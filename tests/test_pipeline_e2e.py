@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tiny_assets import save_tiny_model
+from tiny_assets import save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -35,15 +35,8 @@ def _run(args, cwd, check=True, timeout=900):
 
 
 def small_params(model_dir: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["source"] = str(model_dir)
-    params["data"].update(n_train=64, n_validation=8, n_test=8, max_length=32)
-    params["train"].update(steps=3, batch_size=4, warmup_steps=1, eval_interval=2)
-    params["eval"].update(batch_size=8, max_new_tokens=8)
-    keep = {"lora": {}, "dora": {}, "vera": {"r": 16}}
-    params["variants"] = {name: {**params["variants"][name], **extra} for name, extra in keep.items()}
-    params["variant"] = "lora"
-    return params
+    root = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return small_pipeline_params(root, model_dir, {"lora": {}, "dora": {}, "vera": {"r": 16}}, steps=3)
 
 
 @pytest.fixture(scope="module")

@@ -19,26 +19,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_assets import save_tiny_model
+from tiny_assets import save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_params(model_dir: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["source"] = str(model_dir)
-    params["data"].update(n_train=64, n_validation=8, n_test=8, max_length=32)
-    params["train"].update(steps=12, batch_size=4, warmup_steps=1, eval_interval=4, checkpoint_interval=4)
-    params["eval"].update(batch_size=8, max_new_tokens=8)
-    params["variants"] = {
+    root = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return small_pipeline_params(root, model_dir, {
         "lora": {"preset": "lora", "r": 4, "alpha": 8},
         "adalora": {"preset": "adalora", "r": 6, "target_r": 3, "alpha": 8, "tinit": 2, "tfinal": 3, "total_step": 12},
         "sora": {"preset": "sora", "r": 4, "alpha": 8, "sora_xi": 0.02},
         "delta_lora": {"preset": "delta_lora", "r": 4, "alpha": 8, "delta_start_step": 2},
-        "dora": {"preset": "dora", "r": 4, "alpha": 8, "dropout": 0.1},
-    }
-    params["variant"] = "lora"
-    return params
+    }, steps=12, eval_interval=4, checkpoint_interval=4)
 
 
 @pytest.fixture(scope="module")

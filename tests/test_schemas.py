@@ -244,3 +244,12 @@ def test_comparison_allows_null_delta_but_requires_labels():
     validate_comparison(comparison().assign(per_delta_vs_lora=[None, None]))
     msg = failure(comparison().drop(columns="quality_label"), validate_comparison)
     assert "column 'quality_label' check 'column_in_dataframe' failed" in msg
+
+
+def test_check_names_survive_validating_the_subclass_first():
+    """pandera renames an inherited check to its method name once the subclass validated."""
+    with pytest.raises(DataError):
+        validate_comparison(comparison().assign(variant=["base", " "]))
+    bad = metrics_row("dora")
+    bad["variant"] = " "
+    assert "check 'not_blank'" in failure(metrics(metrics_row("lora"), bad), validate_metrics)

@@ -35,3 +35,17 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def small_pipeline_params(root_params: dict, model_dir: Path, variants: dict, **train) -> dict:
+    """The repository's params.yaml shrunk for tests: the tiny model, 64 training rows, a few steps."""
+    import copy
+
+    params = copy.deepcopy(root_params)
+    params["model"]["source"] = str(model_dir)
+    params["data"].update(n_train=64, n_validation=8, n_test=8, max_length=32)
+    params["train"].update(batch_size=4, warmup_steps=1, eval_interval=2, **train)
+    params["eval"].update(batch_size=8, max_new_tokens=8)
+    params["variants"] = {name: {**params["variants"].get(name, {}), **extra} for name, extra in variants.items()}
+    params["variant"] = next(iter(variants))
+    return params

@@ -139,8 +139,11 @@ class AdaptedModel:
 
     def unload(self) -> nn.Module:
         """Put the base layers back (merged or not) and drop shared modules; returns the model."""
-        for name, layer in self.layers.items():
-            replace_module(self.model, name, layer.base_layer)
+        return self._detach({name: layer.base_layer for name, layer in self.layers.items()})
+
+    def _detach(self, replacements: dict[str, nn.Module]) -> nn.Module:
+        for name, module in replacements.items():
+            replace_module(self.model, name, module)
         for attr in self.layer_kind.shared_modules():
             if hasattr(self.model, attr):
                 delattr(self.model, attr)
@@ -153,18 +156,15 @@ class AdaptedModel:
         A 4-bit base cannot hold the update exactly, so its layers come back as full-precision
         nn.Linear holding deq(Q) + ΔW — exactly the function that was trained.
         """
+        replacements = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
                 if layer.base_is_quantized:
-                    replace_module(self.model, name, layer.full_precision_merged())
+                    replacements[name] = layer.full_precision_merged()
                 else:
                     layer.merge()
-                    replace_module(self.model, name, layer.base_layer)
-        for attr in self.layer_kind.shared_modules():
-            if hasattr(self.model, attr):
-                delattr(self.model, attr)
-        self.layers = {}
-        return self.model
+                    replacements[name] = layer.base_layer
+        return self._detach(replacements)
 
     # ----- training hooks -------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
