@@ -44,7 +44,7 @@ def small_pipeline_params(root_params: dict, model_dir: Path, variants: dict, **
     params = copy.deepcopy(root_params)
     params["model"]["source"] = str(model_dir)
     params["data"].update(n_train=64, n_validation=8, n_test=8, max_length=32)
-    params["train"].update(batch_size=4, warmup_steps=1, eval_interval=2, **train)
+    params["train"].update({"batch_size": 4, "warmup_steps": 1, "eval_interval": 2, **train})
     params["eval"].update(batch_size=8, max_new_tokens=8)
     params["variants"] = {name: {**params["variants"].get(name, {}), **extra} for name, extra in variants.items()}
     params["variant"] = next(iter(variants))
