@@ -101,12 +101,12 @@ def make_plots(folder: Path, rows, curves, g2p: bool) -> None:
     plt.close(fig)
 
     for key, xlabel, fname, logx in (("trainable_params", "trainable parameters", "quality_vs_params.png", True),
-                                     ("peak_memory_bytes", "peak memory (MiB)", "quality_vs_memory.png", False)):
+                                     ("training_memory_bytes", "training memory (MiB)", "quality_vs_memory.png", False)):
         fig, ax = plt.subplots(figsize=(7, 5))
         for name, row in rows.items():
             if name == BASELINE or row.get(quality_key) is None:
                 continue
-            x = row[key] / (2**20 if key == "peak_memory_bytes" else 1)
+            x = row[key] / (2**20 if key.endswith("memory_bytes") else 1)
             ax.scatter(x, row[quality_key], s=40)
             ax.annotate(name, (x, row[quality_key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         base = rows.get(BASELINE)
@@ -133,13 +133,16 @@ S = {
                   "warmup {warmup}), evaluated on **{n_test} held-out examples** with greedy decoding. Device: {device}."),
         "t1": "## 1. Comparison table",
         "t1_head": "| Variant | Core idea | Memory | Quality | Use case |",
-        "t1_note": ("Labels are measured, relative to LoRA: *memory* from peak training memory (±5% = medium); "
+        "t1_note": ("Labels are measured, relative to LoRA: *memory* from training memory — the base weights' exact "
+                    "bytes plus what memory grew by during training (±5% = medium); "
                     "*quality* from a paired bootstrap ({n} resamples) of the {metric} difference to LoRA over the "
                     "test examples — *better*/*worse* only when the 95% interval excludes zero."),
         "t2": "## 2. Measured numbers",
         "t2_head": ("| Variant | {metric} | Δ vs LoRA, pp [95% CI] | Exact match | Eval loss | Trainable params (% of base) "
-                    "| Adapter file | Base weights | Peak memory | Train time | Tokens/s | LR |"),
-        "t2_note": ("Peak memory: {method} during training (the base row: during its evaluation). Train time excludes "
+                    "| Adapter file | Base weights | Training memory | Peak RSS | Train time | Tokens/s | LR |"),
+        "t2_note": ("Training memory = base-weight bytes + the growth of memory during training (activations, "
+                    "gradients, optimizer state); peak RSS = the process's whole resident memory at its peak ({method}), "
+                    "libraries and allocator slack included. The base row: during its evaluation. Train time excludes "
                     "validation. Tokens/s counts every non-padding token processed."),
         "t3": "## 3. Memory for Llama-2-7B (projection)",
         "t3_intro": ("Adapters built for real on a Llama-2-7B-shaped model on the `meta` device (exact parameter "
@@ -156,7 +159,7 @@ S = {
                   "{dq}, {bits:.3f} bits/param (formula {formula:.3f}); mean relative reconstruction error "
                   "‖W − deq(Q(W))‖/‖W‖ = {err:.4f} (worst {worst:.4f})."),
         "t4": "## 4. Selection guide (derived from the numbers above)",
-        "g_memory": "- **Memory-constrained**: **{name}** — {gib:.2f} GiB projected for 7B (LoRA: {lora:.2f} GiB); measured peak {peak}.",
+        "g_memory": "- **Memory-constrained**: **{name}** — {gib:.2f} GiB projected for 7B (LoRA: {lora:.2f} GiB); measured training memory {peak}.",
         "g_quality": "- **Best quality at this budget**: **{name}** — {metric} {value:.3f}, {diff} pp vs LoRA (significant).",
         "g_quality_none": ("- **Best quality at this budget**: no variant separates from LoRA beyond noise: the 95% "
                            "intervals of every difference include zero (lowest {metric}: **{name}**, {value:.3f}). "
@@ -204,12 +207,13 @@ S = {
                   "在 **{n_test} 个留出样本**上用贪心解码评估。设备：{device}。"),
         "t1": "## 1. 变体对比表",
         "t1_head": "| 变体 | 核心改进 | 显存 | 效果 | 适用场景 |",
-        "t1_note": ("标签均为实测，相对 LoRA：*显存* 取训练峰值内存（±5% 为“中”）；*效果* 取与 LoRA 的 {metric} 差值在测试样本上的"
+        "t1_note": ("标签均为实测，相对 LoRA：*显存* 取训练内存——基座权重的精确字节数加上训练期间内存的增长（±5% 为“中”）；*效果* 取与 LoRA 的 {metric} 差值在测试样本上的"
                     "配对自助法（{n} 次重采样）——只有 95% 区间不含 0 时才标“更好/较差”。"),
         "t2": "## 2. 实测数据",
         "t2_head": ("| 变体 | {metric} | 相对 LoRA 差值（百分点，95% 区间） | 完全匹配率 | 评估损失 | 可训练参数（占基座 %） "
-                    "| 适配器文件 | 基座权重 | 峰值内存 | 训练时间 | 词元/秒 | 学习率 |"),
-        "t2_note": "峰值内存：训练期间的 {method}（基座行：评估期间）。训练时间不含验证。词元/秒统计所有非填充词元。",
+                    "| 适配器文件 | 基座权重 | 训练内存 | 峰值 RSS | 训练时间 | 词元/秒 | 学习率 |"),
+        "t2_note": ("训练内存 = 基座权重字节数 + 训练期间内存的增长（激活值、梯度、优化器状态）；峰值 RSS 为进程常驻内存的峰值（{method}），"
+                    "含库与分配器余量。基座行：评估期间。训练时间不含验证。词元/秒统计所有非填充词元。"),
         "t3": "## 3. Llama-2-7B 的显存需求（推算）",
         "t3_intro": ("在 `meta` 设备上按 Llama-2-7B 的形状真实构建适配器（参数量精确），再乘以每个参数的精确字节数：\n\n"
                      "`M = 基座 + 4·P_适配器 + 4·P_可训练（梯度） + 8·P_可训练（AdamW） + 额外状态`\n\n"
@@ -221,7 +225,7 @@ S = {
         "quant": ("量化阶段（在本基座上实测）：{layers} 个线性层，{fp32} fp32 → NF4{dq} 后 {q4}，{bits:.3f} 位/参数"
                   "（公式 {formula:.3f}）；平均相对重建误差 ‖W − deq(Q(W))‖/‖W‖ = {err:.4f}（最大 {worst:.4f}）。"),
         "t4": "## 4. 选择指南（由以上数据推出）",
-        "g_memory": "- **显存受限**：**{name}** —— 7B 推算 {gib:.2f} GiB（LoRA：{lora:.2f} GiB）；实测峰值 {peak}。",
+        "g_memory": "- **显存受限**：**{name}** —— 7B 推算 {gib:.2f} GiB（LoRA：{lora:.2f} GiB）；实测训练内存 {peak}。",
         "g_quality": "- **该预算下效果最好**：**{name}** —— {metric} {value:.3f}，相对 LoRA {diff} 个百分点（显著）。",
         "g_quality_none": ("- **该预算下效果最好**：没有变体在噪声之外与 LoRA 拉开差距：所有差值的 95% 区间都包含 0"
                            "（{metric} 最低的是 **{name}**，{value:.3f}）。需要更大的训练预算或测试集才能排序。"),
@@ -279,7 +283,7 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
                      f"{'; '.join(uses[u] for u in derived['use'][name])} |")
     lines += ["", s["t1_note"].format(n=R.BOOTSTRAP_SAMPLES, metric=metric), ""]
 
-    lines += [s["t2"], "", s["t2_head"].format(metric=metric), "|" + "---|" * 12]
+    lines += [s["t2"], "", s["t2_head"].format(metric=metric), "|" + "---|" * 13]
     for name, row in rows.items():
         diff = derived["quality"][name][1]
         shown = s["base_row"] if name == "base" else name
@@ -289,7 +293,8 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
             f"| {shown} | {per:.3f} | {R.fmt_diff(diff)} | {row['exact_match']:.3f} | {row['eval_loss']:.3f} | "
             f"{R.fmt_params(row['trainable_params'])} ({row['trainable_percent']:.3f}%) | "
             f"{R.fmt_bytes(row['adapter_bytes']) if row['adapter_bytes'] else '—'} | {R.fmt_bytes(row['base_weight_bytes'])} | "
-            f"{R.fmt_bytes(row['peak_memory_bytes'])} | {row['train_seconds']:.0f} s | {row['tokens_per_second']:.0f} | {lr} |")
+            f"{R.fmt_bytes(row['training_memory_bytes'])} | {R.fmt_bytes(row['peak_memory_bytes'])} | "
+            f"{row['train_seconds']:.0f} s | {row['tokens_per_second']:.0f} | {lr} |")
     method = next((r.get("peak_memory_method") for n, r in rows.items() if n != "base"), "")
     lines += ["", s["t2_note"].format(method=method), ""]
 
@@ -386,7 +391,7 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
     mem_name = min((n for n in names if n in projs), key=lambda n: projs[n].total_bytes)
     out.append(s["g_memory"].format(name=mem_name, gib=projs[mem_name].total_gib,
                                     lora=projs["lora"].total_gib if "lora" in projs else float("nan"),
-                                    peak=R.fmt_bytes(rows[mem_name]["peak_memory_bytes"])))
+                                    peak=R.fmt_bytes(rows[mem_name]["training_memory_bytes"])))
     best = min(names, key=key)
     diff = derived["quality"][best][1]
     if diff is not None and diff.significant and diff.delta < 0:

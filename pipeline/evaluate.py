@@ -49,6 +49,10 @@ def predictions_path(name: str) -> str:
     return f"reports/predictions/{name}.jsonl"
 
 
+def base_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
 def run(name: str | None, params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     if name is not None:
@@ -90,10 +94,11 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         "trainable_params": summary["trainable_params"] if summary else 0,
         "trainable_percent": summary["trainable_percent"] if summary else 0.0,
         "adapter_bytes": summary["adapter_bytes"] if summary else 0,
-        "base_weight_bytes": summary["base_weight_bytes"] if summary else sum(
-            t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
+        "base_weight_bytes": summary["base_weight_bytes"] if summary else base_bytes(model),
         # variants: peak memory of training; the baseline: of its evaluation (it is not trained)
         "peak_memory_bytes": summary["peak_memory_bytes"] if summary else peak.bytes,
+        "training_memory_bytes": summary["training_memory_bytes"] if summary else (
+            base_bytes(model) + peak.increment if device.type == "cpu" else peak.bytes),
         "train_seconds": summary["train_seconds"] if summary else 0.0,
         "tokens_per_second": summary["tokens_per_second"] if summary else 0.0,
         "steps": summary["steps"] if summary else 0,

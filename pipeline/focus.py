@@ -18,7 +18,7 @@ from pipeline.stage import start
 
 OUT = "reports/focus.json"
 HEADLINE = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params", "adapter_bytes",
-            "peak_memory_bytes", "train_seconds", "tokens_per_second")
+            "training_memory_bytes", "train_seconds", "tokens_per_second")
 
 
 def main(argv: list[str] | None = None) -> int:

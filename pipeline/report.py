@@ -6,8 +6,9 @@ Everything here is derived from measurements; no sentence about a method is fixe
   LoRA's (phoneme error rate for G2P, else exact-match error), 2000 resamples, seeded.
   "better"/"worse" only when the 95% interval of the difference excludes zero, else
   "comparable"; LoRA itself is the "baseline", as in the source tutorial's table;
-- memory label: measured peak memory relative to LoRA's: "lowest" for the minimum when it
-  is at least 5% below LoRA, "low" below 0.95x, "high" above 1.05x, else "medium";
+- memory label: training memory (exact base-weight bytes + the measured growth of memory
+  during training) relative to LoRA's: "lowest" for the minimum when it is at least 5% below
+  LoRA, "low" below 0.95x, "high" above 1.05x, else "medium";
 - use case: from the same numbers (fewest trainable parameters, lowest memory, best
   quality, fastest training), falling back to "general" / "通用";
 - selection guide: the variant that wins each criterion, with its number, and an explicit
@@ -101,8 +102,8 @@ def quality_labels(rows: dict[str, dict], predictions: dict[str, list[dict]], g2
 def memory_labels(rows: dict[str, dict], reference: str = "lora") -> dict[str, str]:
     if reference not in rows:
         return {name: "medium" for name in rows}
-    ref = rows[reference]["peak_memory_bytes"]
-    ratios = {name: row["peak_memory_bytes"] / ref for name, row in rows.items()}
+    ref = rows[reference]["training_memory_bytes"]
+    ratios = {name: row["training_memory_bytes"] / ref for name, row in rows.items()}
     lowest = min(ratios, key=ratios.get)
     out = {}
     for name, ratio in ratios.items():

@@ -52,23 +52,37 @@ def release_free_memory() -> None:
         pass
 
 
-def _vm_hwm_bytes() -> int | None:
+def _status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
+def _vm_hwm_bytes() -> int | None:
+    return _status_bytes("VmHWM")
+
+
+def _vm_rss_bytes() -> int | None:
+    return _status_bytes("VmRSS")
+
+
 @dataclass
 class PeakMemory:
-    """Measure peak memory of a code section: `with PeakMemory(device) as peak: ...; peak.bytes`."""
+    """Measure peak memory of a code section: `with PeakMemory(device) as peak: ...; peak.bytes`.
+
+    `bytes` is the peak itself; `increment` the peak above what was resident when the section
+    started (on CPU: activations, gradients, optimizer state — without the libraries, the base
+    weights and whatever earlier work left in the allocator).
+    """
 
     device: torch.device
     bytes: int = 0
+    increment: int = 0
     method: str = ""
     seconds: float = 0.0
 
@@ -78,8 +92,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
             self.method = "cuda.max_memory_allocated"
         else:
+            self._start = _vm_rss_bytes() or 0
             try:
                 with open("/proc/self/clear_refs", "w") as handle:
                     handle.write("5")  # reset the RSS high-water mark
@@ -95,6 +111,7 @@ class PeakMemory:
         else:
             hwm = _vm_hwm_bytes() if "VmHWM" in self.method else None
             self.bytes = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.increment = max(0, self.bytes - self._start)
         self.seconds = time.perf_counter() - self._started
 
 

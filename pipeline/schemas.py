@@ -106,6 +106,8 @@ class VariantMetrics(pa.DataFrameModel):
     adapter_bytes: Series[int] = pa.Field(ge=0)
     base_weight_bytes: Series[int] = pa.Field(gt=0)
     peak_memory_bytes: Series[int] = pa.Field(gt=0)
+    # base weights + what training added on top (see pipeline/runtime.PeakMemory); the memory label uses it
+    training_memory_bytes: Series[int] = pa.Field(gt=0)
     train_seconds: Series[float] = pa.Field(ge=0)
     tokens_per_second: Series[float] = pa.Field(ge=0)
     steps: Series[int] = pa.Field(ge=0)
@@ -134,6 +136,7 @@ METRIC_COLUMNS = (
     "adapter_bytes",
     "base_weight_bytes",
     "peak_memory_bytes",
+    "training_memory_bytes",
     "train_seconds",
     "tokens_per_second",
     "steps",

@@ -153,6 +153,8 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
         "base_weight_bytes": adapted.base_weight_bytes(),
         "peak_memory_bytes": peak.bytes,
         "peak_memory_method": peak.method,
+        # what training itself needs: the base weights (exact bytes) plus the measured growth during training
+        "training_memory_bytes": (adapted.base_weight_bytes() + peak.increment) if device.type == "cpu" else peak.bytes,
         "train_seconds": step_seconds,
         "wall_seconds": wall,
         "tokens": tokens,

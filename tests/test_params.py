@@ -58,7 +58,7 @@ _DELETE = object()
     ("train.schedule", "step", "train.schedule must be one of constant, linear, cosine, got 'step'"),
     ("train.device", "tpu", "train.device must be one of auto, cpu, cuda, got 'tpu'"),
     ("train.grad_clip", 0, "train.grad_clip must be a positive number, got 0"),
-    ("train.warmup_steps", 16, "train.warmup_steps (16) must be smaller than train.steps (16)"),
+    ("train.warmup_steps", 999, "train.warmup_steps (999) must be smaller than train.steps"),
     ("train.tokens", 5, "train.tokens: unknown key"),
     ("trian", {}, "trian: unknown key"),
     ("data.n_test", -1, "data.n_test must be a positive integer, got -1"),

@@ -44,6 +44,7 @@ def metrics_row(variant: str = "lora", **overrides) -> dict:
         "adapter_bytes": 3_686_400,
         "base_weight_bytes": 538_090_408,
         "peak_memory_bytes": 1_600_000_000,
+        "training_memory_bytes": 900_000_000,
         "train_seconds": 100.5,
         "tokens_per_second": 175.0,
         "steps": 40,
