@@ -75,7 +75,7 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
     test_records = read_split("test")
     test_ex = encode_records(tokenizer, test_records, params.data.max_length)
     ev = params.eval
-    with PeakMemory(device) as peak:
+    with PeakMemory(device, resident=model) as peak:
         eval_loss = mean_response_loss(model, test_ex, ev.batch_size, tokenizer.pad_token_id, device)
         progress = Progress(f"eval {label}", len(test_ex), every=ev.batch_size)
         raw = generate(model, tokenizer, test_ex, ev.batch_size, ev.max_new_tokens, device, progress)

@@ -9,6 +9,7 @@ process-lifetime peak (getrusage) is reported.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import resource
@@ -52,6 +53,14 @@ def release_free_memory() -> None:
         pass
 
 
+def make_resident(module: torch.nn.Module) -> None:
+    """Read every CPU parameter and buffer of `module` once, so file-mapped pages become resident."""
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.sum()
+
+
 def _status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status") as handle:
@@ -78,9 +87,15 @@ class PeakMemory:
     `bytes` is the peak itself; `increment` the peak above what was resident when the section
     started (on CPU: activations, gradients, optimizer state — without the libraries, the base
     weights and whatever earlier work left in the allocator).
+
+    Pass the model as `resident`: weights loaded from safetensors are memory-mapped and only
+    count in RSS once touched, so without it the first forward pass would page the base in
+    inside the section and `increment` would count the base weights a second time (for every
+    method whose build did not already read all weights — LoRA's does not, DoRA's does).
     """
 
     device: torch.device
+    resident: torch.nn.Module | None = None
     bytes: int = 0
     increment: int = 0
     method: str = ""
@@ -95,6 +110,8 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             self.method = "cuda.max_memory_allocated"
         else:
+            if self.resident is not None:
+                make_resident(self.resident)
             self._start = _vm_rss_bytes() or 0
             try:
                 with open("/proc/self/clear_refs", "w") as handle:

@@ -129,7 +129,7 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
 
     started = time.perf_counter()
     try:
-        with PeakMemory(device) as peak:
+        with PeakMemory(device, resident=model) as peak:
             variants.train(adapted, batches, settings, on_step=on_step, loss_fn=response_loss, checkpoint=checkpoint)
     except BaseException:
         tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))

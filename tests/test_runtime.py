@@ -1,0 +1,37 @@
+"""Peak-memory measurement (pipeline/runtime.PeakMemory) on a model loaded the way stages load it."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_llama
+from pipeline.runtime import PeakMemory
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _forward_increment(folder, resident: bool) -> tuple[int, int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokens = torch.arange(8).unsqueeze(0)
+    with PeakMemory(torch.device("cpu"), resident=model if resident else None) as peak, torch.no_grad():
+        model(input_ids=tokens)
+    weights = _weight_bytes(model)
+    del model
+    return peak.increment, weights
+
+
+def test_resident_weights_are_not_counted_as_growth(tmp_path):
+    # ~55 MB of fp32 weights, nearly all read by one forward pass (untied head, small embedding)
+    tiny_llama(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=8, vocab_size=8000).save_pretrained(tmp_path)
+    paged_in, weights = _forward_increment(tmp_path, resident=False)
+    measured, _ = _forward_increment(tmp_path, resident=True)
+    # from_pretrained maps the safetensors file: the first forward pages the weights in, and
+    # without `resident` that shows up as growth (the base weights counted twice in a stage)
+    assert paged_in > 0.5 * weights, (paged_in, weights)
+    # with `resident` the growth is the forward's own working memory, a small share of the weights
+    assert measured < 0.25 * weights, (measured, weights)
