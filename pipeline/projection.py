@@ -69,7 +69,6 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
     model = _meta_llama2_7b()
     base_params = sum(p.numel() for p in model.parameters())
     adapted = variants.build(model, spec)
-    adapter_ids = adapted.adapter_tensors_ids()
     adapter_params = sum(t.numel() for layer in adapted.layers.values() for t in layer.adapter_state().values())
     shared = sum(t.numel() for m in adapted.layer_kind.shared_modules().values() for t in m.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -81,7 +80,6 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
     else:
         base_bytes = 2.0 * base_params
     extra = 4.0 * adapted_weight_params if spec.step == "delta_lora" else 0.0
-    del adapter_ids
     return Projection(variant=name, base_params=base_params, trainable_params=trainable,
                       adapter_params=adapter_params + shared, base_bytes=base_bytes,
                       adapter_bytes=4.0 * (adapter_params + shared), gradient_bytes=4.0 * trainable,

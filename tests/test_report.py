@@ -1,0 +1,138 @@
+"""The report's derived numbers: significance of quality differences, memory labels, use cases,
+and the Llama-2-7B memory projection (pipeline/report.py, pipeline/projection.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import variants
+from pipeline import report as R
+from pipeline.projection import project
+from variants.quant import quantized_bytes
+
+# ----- paired bootstrap and quality labels ----------------------------------------------------------
+
+
+def test_bootstrap_of_identical_errors_is_zero_and_not_significant():
+    edits = [1, 0, 3, 2, 0, 1] * 10
+    diff = R.paired_bootstrap(edits, edits, [5] * 60)
+    assert (diff.delta, diff.low, diff.high) == (0.0, 0.0, 0.0)
+    assert not diff.significant
+
+
+def test_bootstrap_delta_is_the_pooled_rate_difference_and_the_interval_holds_it():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, 9, size=80)
+    ref = rng.integers(0, 4, size=80)
+    var = np.maximum(ref - 1, 0)  # never worse, usually better: one fewer edit per example
+    diff = R.paired_bootstrap(var, ref, lengths)
+    assert diff.delta == pytest.approx((var.sum() - ref.sum()) / lengths.sum())
+    assert diff.low <= diff.delta <= diff.high < 0
+    assert diff.significant
+
+
+def test_bootstrap_of_noise_is_not_significant():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 4, size=60)
+    var = ref.copy()
+    var[:3] += 1  # three extra edits over 60 examples
+    var[3:6] -= np.minimum(var[3:6], 1)
+    diff = R.paired_bootstrap(var, ref, [6] * 60)
+    assert diff.low < 0 < diff.high or diff.delta == 0
+    assert not diff.significant
+
+
+def _predictions(edits):
+    return [{"id": f"w{i}", "edits": e, "ref_len": 5, "exact": e == 0} for i, e in enumerate(edits)]
+
+
+def test_quality_labels_from_predictions():
+    base = [2, 1, 3, 0, 2, 1, 2, 3] * 8
+    predictions = {
+        "lora": _predictions(base),
+        "good": _predictions([max(e - 1, 0) for e in base]),
+        "bad": _predictions([e + 2 for e in base]),
+        "same": _predictions(base),
+    }
+    rows = {name: {} for name in predictions}
+    labels = R.quality_labels(rows, predictions, g2p=True)
+    assert labels["lora"] == ("baseline", None)
+    assert labels["good"][0] == "better" and labels["good"][1].delta < 0
+    assert labels["bad"][0] == "worse" and labels["bad"][1].delta == pytest.approx(2 / 5)
+    assert labels["same"][0] == "comparable" and labels["same"][1].delta == 0
+    # exact-match error when the task has no phonemes: every example is either right or wrong
+    em = R.quality_labels(rows, predictions, g2p=False)
+    assert em["bad"][0] == "worse"
+
+
+def test_quality_labels_refuse_predictions_over_different_examples():
+    predictions = {"lora": _predictions([1, 2, 3]), "other": _predictions([1, 2])}
+    with pytest.raises(ValueError, match="other and lora cover different test examples"):
+        R.quality_labels({"lora": {}, "other": {}}, predictions, g2p=True)
+
+
+# ----- memory labels and use cases -------------------------------------------------------------------
+
+
+def _row(memory=1000, params=100, tps=100.0):
+    return {"training_memory_bytes": memory, "trainable_params": params, "tokens_per_second": tps}
+
+
+def test_memory_labels_follow_the_ratio_to_lora():
+    rows = {"lora": _row(1000), "a": _row(900), "b": _row(940), "c": _row(1049), "d": _row(1051)}
+    assert R.memory_labels(rows) == {"lora": "medium", "a": "lowest", "b": "low", "c": "medium", "d": "high"}
+    # the minimum is only "lowest" when it is itself below 0.95x LoRA
+    assert R.memory_labels({"lora": _row(1000), "e": _row(990)})["e"] == "medium"
+    assert set(R.memory_labels({"x": _row(1), "y": _row(5)}).values()) == {"medium"}  # no reference
+
+
+def test_use_cases_are_derived_from_the_numbers():
+    rows = {"lora": _row(1000, 100, 100.0), "tiny": _row(1000, 25, 100.0), "fast": _row(1000, 100, 125.0),
+            "lean": _row(900, 100, 124.0), "plain": _row(1000, 26, 100.0)}
+    memories = R.memory_labels(rows)
+    qualities = {name: ("comparable", None) for name in rows}
+    qualities["lean"] = ("worse", None)
+    cases = R.use_cases(rows, qualities, memories)
+    assert cases["lora"] == ["general"]
+    assert cases["tiny"] == ["few_params"]
+    assert cases["fast"] == ["speed"]  # exactly the speed margin counts, 1.24x does not
+    assert cases["lean"] == ["memory", "avoid_here"]
+    assert cases["plain"] == ["general"]
+
+
+# ----- Llama-2-7B projection -------------------------------------------------------------------------
+
+LLAMA2_7B_PARAMS = 6_738_415_616  # the published parameter count of Llama-2-7B
+
+
+def test_projection_of_lora_on_q_and_v_matches_the_known_counts():
+    proj = project("lora", variants.get("lora", r=8, alpha=16, target_modules="q_proj,v_proj"))
+    assert proj.base_params == LLAMA2_7B_PARAMS
+    assert proj.trainable_params == 4_194_304  # 32 layers x 2 modules x 8 x (4096 + 4096)
+    assert proj.base_bytes == 2 * LLAMA2_7B_PARAMS
+    assert proj.adapter_bytes == proj.gradient_bytes == 4 * 4_194_304
+    assert proj.optimizer_bytes == 8 * 4_194_304
+    assert proj.extra_bytes == 0
+    assert proj.total_bytes == 2 * LLAMA2_7B_PARAMS + 16 * 4_194_304
+
+
+def test_projection_of_a_4bit_base_counts_nf4_bytes_for_the_adapted_linears_only():
+    spec = variants.get("qlora", r=8, alpha=16, target_modules="all-linear")
+    proj = project("qlora", spec, base_bits="4bit", blocksize=64, double_quant=True)
+    per_layer = {(4096, 4096): 4 * 32, (4096, 11008): 3 * 32}  # q,k,v,o and gate,up,down per layer
+    linear = sum(n * a * b for (a, b), n in per_layer.items())
+    quantized = sum(n * quantized_bytes(a * b, 64, True) for (a, b), n in per_layer.items())
+    assert proj.base_bytes == quantized + 2 * (LLAMA2_7B_PARAMS - linear)
+    assert 4.12 < 8 * quantized / linear < 4.13  # NF4 + double quantization: about 4.127 bits/param
+    assert proj.total_gib < 0.35 * project("lora", variants.get("lora", r=8, alpha=16,
+                                                                 target_modules="all-linear")).total_gib
+
+
+def test_projection_counts_delta_loras_fp32_residual_and_veras_shared_pair():
+    delta = project("delta_lora", variants.get("delta_lora", r=8, alpha=16, target_modules="q_proj"))
+    assert delta.extra_bytes == 4 * 32 * 4096 * 4096
+    vera = project("vera", variants.get("vera", r=256, target_modules="q_proj"))
+    assert vera.trainable_params == 32 * (4096 + 256)  # λ_b (out) + λ_d (r) per layer
+    # adapter bytes include the one frozen shared pair A (r x in) and B (out x r)
+    assert vera.adapter_bytes == 4 * (32 * (4096 + 256) + 256 * 4096 + 4096 * 256)
