@@ -77,6 +77,28 @@ def projections(params: Params, quant: dict | None):
 
 
 # ----- plots ------------------------------------------------------------------------------------------
+def label_points(ax, points: list[tuple[str, float, float]], fontsize: int = 8) -> None:
+    """Name every point without overprinting: each label goes right of its point, moved up (with a
+    leader line) until its box clears the labels already placed (greedy, lowest point first).
+
+    Methods with the same parameter count or similar memory sit on top of each other.
+    """
+    ax.figure.canvas.draw()  # fix the axes limits so data -> display positions are final
+    to_pt = 72.0 / ax.figure.dpi
+    height, char_width = fontsize * 1.25, fontsize * 0.62  # label box in points (DejaVu Sans)
+    boxes: list[tuple[float, float, float, float]] = []
+    located = [(*(c * to_pt for c in ax.transData.transform((x, y))), name, x, y) for name, x, y in points]
+    for px, py, name, x, y in sorted(located, key=lambda item: (item[1], item[0])):
+        left, right = px + 8, px + 8 + char_width * len(name)
+        bottom = py + 2
+        while any(left < r and l < right and bottom < t and b < bottom + height for l, b, r, t in boxes):
+            bottom += 1.0
+        boxes.append((left, bottom, right, bottom + height))
+        dy = bottom - (py + 2)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(8, 2 + dy), fontsize=fontsize,
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "gray"} if dy > 0 else None)
+
+
 def make_plots(folder: Path, rows, curves, g2p: bool) -> None:
     import matplotlib
 
@@ -86,11 +108,18 @@ def make_plots(folder: Path, rows, curves, g2p: bool) -> None:
     quality_key = "phoneme_error_rate" if g2p else "exact_match"
     quality_name = "phoneme error rate (lower is better)" if g2p else "exact match (higher is better)"
 
+    # one style per variant in every plot; the 10 colours repeat with another line style and marker
+    names = list(dict.fromkeys([*curves, *(n for n in rows if n != BASELINE)]))
+    palette = plt.get_cmap("tab10").colors
+    style = {name: (palette[i % 10], ("-", "-.", ":")[i // 10 % 3], ("o", "s", "^")[i // 10 % 3])
+             for i, name in enumerate(names)}
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, curve in curves.items():
-        line, = ax.plot(curve["step"], curve["loss"], label=name, alpha=0.85)
+        color, linestyle, marker = style[name]
+        ax.plot(curve["step"], curve["loss"], linestyle, color=color, label=name, alpha=0.85)
         val = curve.dropna(subset=["val_loss"])
-        ax.plot(val["step"], val["val_loss"], "o--", color=line.get_color(), alpha=0.6, markersize=4)
+        ax.plot(val["step"], val["val_loss"], "--", marker=marker, color=color, alpha=0.6, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("response loss (solid: train, dashed dots: validation)")
     ax.set_title("Loss curves")
@@ -103,18 +132,21 @@ def make_plots(folder: Path, rows, curves, g2p: bool) -> None:
     for key, xlabel, fname, logx in (("trainable_params", "trainable parameters", "quality_vs_params.png", True),
                                      ("training_memory_bytes", "training memory (MiB)", "quality_vs_memory.png", False)):
         fig, ax = plt.subplots(figsize=(7, 5))
+        points = []
         for name, row in rows.items():
             if name == BASELINE or row.get(quality_key) is None:
                 continue
             x = row[key] / (2**20 if key.endswith("memory_bytes") else 1)
-            ax.scatter(x, row[quality_key], s=40)
-            ax.annotate(name, (x, row[quality_key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            color, _, marker = style[name]
+            ax.scatter(x, row[quality_key], s=40, color=color, marker=marker)
+            points.append((name, x, row[quality_key]))
+        if logx:
+            ax.set_xscale("log")
+        label_points(ax, points)
         base = rows.get(BASELINE)
         if base and base.get(quality_key) is not None:
             ax.axhline(base[quality_key], color="gray", linestyle=":", label="base model (no adapter)")
             ax.legend(fontsize=8)
-        if logx:
-            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(quality_name)
         ax.set_title(f"Quality vs {xlabel}")

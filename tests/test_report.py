@@ -136,3 +136,30 @@ def test_projection_counts_delta_loras_fp32_residual_and_veras_shared_pair():
     assert vera.trainable_params == 32 * (4096 + 256)  # λ_b (out) + λ_d (r) per layer
     # adapter bytes include the one frozen shared pair A (r x in) and B (out x r)
     assert vera.adapter_bytes == 4 * (32 * (4096 + 256) + 256 * 4096 + 4096 * 256)
+
+
+# ----- plot labels ---------------------------------------------------------------------------------
+
+
+def test_labels_of_coinciding_points_do_not_overprint():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.compare import label_points
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    points = [(name, 2.44e6, 0.53 + 0.004 * i) for i, name in enumerate(
+        ["lora", "rslora", "dora", "lora_plus", "delta_lora", "loftq", "sora"])] + [("vera", 2e5, 1.14)]
+    ax.scatter([x for _, x, _ in points], [y for _, _, y in points])
+    ax.set_xscale("log")
+    label_points(ax, points)
+    fig.canvas.draw()  # resolves the annotations' offsets into positions
+    renderer = fig.canvas.get_renderer()
+    # the text's own box (Annotation.get_window_extent would include the leader line)
+    boxes = [matplotlib.text.Text.get_window_extent(text, renderer) for text in ax.texts]
+    assert [text.get_text() for text in ax.texts] and len(boxes) == len(points)
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    plt.close(fig)
+    assert not overlaps, overlaps
