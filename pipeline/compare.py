@@ -312,7 +312,7 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
     for name, v in params.variants.items():
         q, _ = derived["quality"][name]
         lines.append(f"| {name} | {R.core_idea(v.spec, lang)} | {labels[derived['memory'][name]]} | {labels[q]} | "
-                     f"{'; '.join(uses[u] for u in derived['use'][name])} |")
+                     f"{R.TEXT[lang]['sep'].join(uses[u] for u in derived['use'][name])} |")
     lines += ["", s["t1_note"].format(n=R.BOOTSTRAP_SAMPLES, metric=metric), ""]
 
     lines += [s["t2"], "", s["t2_head"].format(metric=metric), "|" + "---|" * 13]

@@ -43,7 +43,7 @@ def core_idea(spec: variants.AdapterSpec, lang: str = "en") -> str:
         if name != DEFAULT_PARTS[slot]:
             cls = part_class(slot, name)
             ideas.append(getattr(cls, attr) or cls.idea)
-    return "; ".join(ideas)
+    return ("；" if lang == "zh" else "; ").join(ideas)
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ def use_cases(rows: dict[str, dict], qualities: dict, memories: dict, reference:
 
 TEXT = {
     "en": {
+        "sep": "; ",
         "labels": {"lowest": "lowest", "low": "low", "medium": "medium", "high": "high", "better": "better",
                    "comparable": "comparable", "worse": "worse", "baseline": "baseline"},
         "use": {"few_params": "many adapters / multi-task (fewest trainable parameters)",
@@ -149,6 +150,7 @@ TEXT = {
                 "general": "general purpose"},
     },
     "zh": {
+        "sep": "；",
         "labels": {"lowest": "最低", "low": "低", "medium": "中", "high": "高", "better": "更好",
                    "comparable": "相当", "worse": "较差", "baseline": "基准"},
         "use": {"few_params": "多任务 / 多适配器（可训练参数最少）", "memory": "显存受限",
