@@ -168,7 +168,10 @@ S = {
         "t1_note": ("Labels are measured, relative to LoRA: *memory* from training memory — the base weights' exact "
                     "bytes plus what memory grew by during training (±5% = medium); "
                     "*quality* from a paired bootstrap ({n} resamples) of the {metric} difference to LoRA over the "
-                    "test examples — *better*/*worse* only when the 95% interval excludes zero."),
+                    "test examples — *better*/*worse* only when the 95% interval excludes zero. Each of the {k} "
+                    "comparisons is tested on its own (no multiple-comparison correction): if all {k} methods were "
+                    "truly equal to LoRA, about {chance:.1f} would still get such a label by chance, so a label whose "
+                    "interval barely excludes zero needs a larger test set to confirm."),
         "t2": "## 2. Measured numbers",
         "t2_head": ("| Variant | {metric} | Δ vs LoRA, pp [95% CI] | Exact match | Eval loss | Trainable params (% of base) "
                     "| Adapter file | Base weights | Training memory | Peak RSS | Train time | Tokens/s | LR |"),
@@ -240,7 +243,8 @@ S = {
         "t1": "## 1. 变体对比表",
         "t1_head": "| 变体 | 核心改进 | 显存 | 效果 | 适用场景 |",
         "t1_note": ("标签均为实测，相对 LoRA：*显存* 取训练内存——基座权重的精确字节数加上训练期间内存的增长（±5% 为“中”）；*效果* 取与 LoRA 的 {metric} 差值在测试样本上的"
-                    "配对自助法（{n} 次重采样）——只有 95% 区间不含 0 时才标“更好/较差”。"),
+                    "配对自助法（{n} 次重采样）——只有 95% 区间不含 0 时才标“更好/较差”。这 {k} 个比较各自独立检验（未做多重比较校正）："
+                    "即使 {k} 个方法都与 LoRA 真正相当，也约有 {chance:.1f} 个会偶然得到这样的标签；区间刚好不含 0 的标签需要更大的测试集来确认。"),
         "t2": "## 2. 实测数据",
         "t2_head": ("| 变体 | {metric} | 相对 LoRA 差值（百分点，95% 区间） | 完全匹配率 | 评估损失 | 可训练参数（占基座 %） "
                     "| 适配器文件 | 基座权重 | 训练内存 | 峰值 RSS | 训练时间 | 词元/秒 | 学习率 |"),
@@ -313,7 +317,8 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
         q, _ = derived["quality"][name]
         lines.append(f"| {name} | {R.core_idea(v.spec, lang)} | {labels[derived['memory'][name]]} | {labels[q]} | "
                      f"{R.TEXT[lang]['sep'].join(uses[u] for u in derived['use'][name])} |")
-    lines += ["", s["t1_note"].format(n=R.BOOTSTRAP_SAMPLES, metric=metric), ""]
+    compared = sum(1 for name in params.variants if derived["quality"][name][1] is not None)
+    lines += ["", s["t1_note"].format(n=R.BOOTSTRAP_SAMPLES, metric=metric, k=compared, chance=0.05 * compared), ""]
 
     lines += [s["t2"], "", s["t2_head"].format(metric=metric), "|" + "---|" * 13]
     for name, row in rows.items():
