@@ -169,7 +169,9 @@ def fmt_bytes(n: float) -> str:
 
 
 def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def fmt_diff(diff: Difference | None, percent: bool = True) -> str:

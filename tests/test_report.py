@@ -163,3 +163,9 @@ def test_labels_of_coinciding_points_do_not_overprint():
     overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
     plt.close(fig)
     assert not overlaps, overlaps
+
+
+def test_number_formats():
+    assert [R.fmt_params(n) for n in (0, 512, 209_280, 2_442_240)] == ["0", "512", "209.3k", "2.44M"]
+    assert [R.fmt_bytes(n) for n in (512, 9_813_168, 538_060_288, 2_509_395_456)] == [
+        "0.5 KiB", "9.4 MiB", "513.1 MiB", "2.34 GiB"]
