@@ -12,8 +12,8 @@ estimated. Memory of the persistent training state:
       adapter weights  4 B per adapter parameter (fp32, trainable or frozen) + shared buffers
       gradients        4 B per trainable parameter
       AdamW state      8 B per trainable parameter (two fp32 moments)
-      extra state      parts that keep more (Delta-LoRA's fp32 residual of W over a bf16
-                       base: 4 B per adapted weight)
+      extra state      what parts declare per adapted base weight (Part.state_bytes_per_base_weight;
+                       Delta-LoRA's fp32 residual of W over a bf16 base: 4 B)
 
 Activations are left out: they depend on batch size, sequence length and checkpointing, not
 on the method (within a few percent for these methods), and would dominate any constant.
@@ -79,7 +79,7 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
         base_bytes = quantized + 2 * (base_params - adapted_weight_params)
     else:
         base_bytes = 2.0 * base_params
-    extra = 4.0 * adapted_weight_params if spec.step == "delta_lora" else 0.0
+    extra = sum(part.state_bytes_per_base_weight for part in adapted.parts) * adapted_weight_params
     return Projection(variant=name, base_params=base_params, trainable_params=trainable,
                       adapter_params=adapter_params + shared, base_bytes=base_bytes,
                       adapter_bytes=4.0 * (adapter_params + shared), gradient_bytes=4.0 * trainable,

@@ -34,6 +34,7 @@ class DeltaLoRA(Part):
     idea = "after each step, also move W by λ times the change of s·BA"
     idea_zh = "每步之后再把 W 按 s·BA 的增量乘 λ 一并更新"
     peft_exportable = False  # the base weights change; PEFT's LoRA format cannot say so
+    state_bytes_per_base_weight = 4.0  # the fp32 residual kept for a bf16/fp16 base
     options = {
         "delta_update_ratio": Option(2.0, float, lambda v: v > 0, "> 0", "λ, the update ratio"),
         "delta_start_step": Option(0, int, lambda v: v >= 0, ">= 0", "K, first step (0-based) that updates W"),

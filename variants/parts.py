@@ -87,6 +87,9 @@ class Part:
     peft_exportable: ClassVar[bool] = True
     # False where merging the update into the base cannot be exact (a 4-bit base).
     merge_is_exact: ClassVar[bool] = True
+    # Bytes of state the part keeps per element of every adapted base weight during training
+    # on a half-precision base (Delta-LoRA: its fp32 residual of W's updates); memory projections use it.
+    state_bytes_per_base_weight: ClassVar[float] = 0.0
 
     def __init__(self, spec: AdapterSpec):
         self.spec = spec
