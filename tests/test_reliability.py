@@ -166,7 +166,7 @@ def test_malformed_params_fail_before_any_work_with_key_and_value(tmp_path, monk
         raise AssertionError("a model was loaded despite bad params")
 
     for module in (gguf_base, base, quantize, train, evaluate):
-        for attr in ("load_base", "convert_gguf"):
+        for attr in ("load_base", "convert_gguf", "write_gguf_as_transformers"):
             if hasattr(module, attr):
                 monkeypatch.setattr(module, attr, no_model)
     monkeypatch.chdir(tmp_path)

@@ -100,14 +100,14 @@ class Checkpointer:
     """Periodic, atomic checkpoints of one training run in `folder` (every `every` steps)."""
 
     def __init__(self, folder: str | os.PathLike, every: int, fingerprint: str,
-                 get_extra: Callable[[], Any] | None = None, set_extra: Callable[[Any], None] | None = None):
+                 get_extra: Callable[[], Any] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"checkpoint interval must be a positive integer, got {every!r}")
         self.folder = Path(folder)
         self.every = every
         self.fingerprint = fingerprint
-        self.get_extra = get_extra
-        self.set_extra = set_extra
+        self.get_extra = get_extra  # caller's state saved beside the training state ("extra")
+        self._loaded: dict[str, Any] | None = None
 
     @property
     def current(self) -> Path:
@@ -123,20 +123,26 @@ class Checkpointer:
             (tmp / STATE_JSON).write_text(json.dumps(meta))
 
         write_folder_atomically(self.current, write)
+        self._loaded = None
 
     def load(self) -> dict[str, Any] | None:
-        """The saved state, or None when there is none for this fingerprint."""
+        """The saved state, or None when there is none for this fingerprint.
+
+        Read from disk once: the caller (e.g. the pipeline, for its "extra") and the training
+        loop both ask for it at the start of a resumed run.
+        """
+        if self._loaded is not None:
+            return self._loaded
         meta_path = self.current / STATE_JSON
         if not meta_path.is_file():
             return None
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint:
             return None
-        state = unflatten_state(meta["state"], load_file(str(self.current / STATE_TENSORS)))
-        if self.set_extra is not None and state.get("extra") is not None:
-            self.set_extra(state["extra"])
-        return state
+        self._loaded = unflatten_state(meta["state"], load_file(str(self.current / STATE_TENSORS)))
+        return self._loaded
 
     def clear(self) -> None:
         """Remove the checkpoint (the run finished)."""
         shutil.rmtree(self.current, ignore_errors=True)
+        self._loaded = None

@@ -16,12 +16,13 @@ only once complete, so a crash never leaves a half-written adapter behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,19 +52,39 @@ def swap_folder(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a fresh temporary folder, then move it to `directory` in one rename."""
-    target = Path(directory)
+def staging_folder(target: Path) -> Path:
+    """A new empty folder beside `target` (same file system, so it can be renamed onto it).
+
+    mkdtemp makes it private (0o700); it gets an ordinary folder's permissions (0o777 minus the
+    umask) so that the renamed result looks like any other folder.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+@contextlib.contextmanager
+def staged_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `directory` in one rename, on an
+    error it is removed and `directory` stays as it was."""
+    target = Path(directory)
+    tmp = staging_folder(target)
     try:
-        write(tmp)
+        yield tmp
         swap_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a fresh staging folder, then move it to `directory` in one rename."""
+    with staged_folder(directory) as tmp:
+        write(tmp)
+    return Path(directory)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
