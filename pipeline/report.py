@@ -27,9 +27,10 @@ import variants
 from variants.parts import SLOTS, part_class
 
 BOOTSTRAP_SAMPLES = 2000
-# Step times on a shared 2-core machine vary by ±15% between identical runs (two variants with
-# the same computation measured 144 vs 175 tokens/s): only a larger gap counts as faster.
-SPEED_MARGIN = 1.25
+# Stages run one after another on a shared 2-core machine, and a whole stage can run slow: LoRA's
+# stage measured 201, 126 and 132 tokens/s in three runs of the same code, and in one run rsLoRA
+# (the same computation) 179 against LoRA's 132. Only a gap above the largest such spread counts.
+SPEED_MARGIN = 1.6
 
 
 def is_faster(rows: dict[str, dict], name: str, reference: str = "lora") -> bool:
