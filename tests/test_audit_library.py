@@ -9,15 +9,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama, token_batch
 
 import variants
 from variants.adalora import AdaLoRA
 from variants.core import AdapterLayer
 from variants.lora import LoRA
-from variants.parts import _REGISTRY
+from variants.parts import SLOTS, names, part_class
 from variants.vera import VeRA
-
-from conftest import tiny_llama, token_batch
 
 
 def _snapshot(model):
@@ -246,9 +245,8 @@ def test_delta_lora_moves_w_only_after_steps_past_k():
 
 # ----- modifiers ask the layer kind for capabilities --------------------------------------------------
 def test_no_modifier_lists_layer_kinds():
-    for slot, parts in _REGISTRY.items():
-        if slot != "layer":
-            assert all("layer" not in cls.requires for cls in parts.values()), slot
+    for slot in SLOTS[1:]:
+        assert all("layer" not in part_class(slot, name).requires for name in names(slot)), slot
 
 
 def test_modifiers_follow_the_layer_kinds_capability_flags(monkeypatch):
