@@ -159,6 +159,16 @@ def test_adalora_exports_to_peft_with_its_rank_masks(tmp_path):
     _assert_same(_peft_logits(base, folder, ids), _logits(adapted, ids), base, ids)
 
 
+def test_adalora_without_a_fixed_mask_exports_full_tensors(tmp_path):
+    base = tiny_llama()
+    adapted = variants.build(copy.deepcopy(base), {"preset": "adalora", "r": 4, "target_r": 2, "total_step": 10})
+    randomize_adapter(adapted)
+    folder = variants.export_peft(adapted, tmp_path / "peft")
+    assert json.loads((folder / "adapter_config.json").read_text())["rank_pattern"] is None
+    ids = token_batch(2, 8)
+    _assert_same(_peft_logits(base, folder, ids), _logits(adapted, ids), base, ids)
+
+
 def _sora(base, scaling="standard", prune=True):
     adapted = variants.build(base, {"preset": "sora", "r": 6, "alpha": 12, "scaling": scaling,
                                     "target_modules": "q_proj,v_proj,up_proj"})
@@ -205,6 +215,16 @@ def test_export_then_load_peft_round_trip(name, tmp_path):
     _assert_same(_logits(loaded, ids), _logits(adapted, ids), base, ids)
     if name == "adalora":
         assert loaded.part("layer").kept_ranks(loaded) == adapted.part("layer").kept_ranks(adapted)
+
+
+def test_an_imported_adapter_saves_and_loads_in_our_format(tmp_path):
+    base = tiny_llama()
+    _peft_model("lora_patterns", base).save_pretrained(str(tmp_path / "p"))
+    imported = variants.load_peft(copy.deepcopy(base), tmp_path / "p")
+    reloaded = variants.load(copy.deepcopy(base), variants.save(imported, tmp_path / "ours"))
+    reloaded.model.eval()
+    ids = token_batch(2, 8)
+    _assert_same(_logits(reloaded, ids), _logits(imported, ids), base, ids)
 
 
 # ----- what load_peft refuses, before touching the model ----------------------------------------------

@@ -19,8 +19,8 @@ from .checkpoint import Checkpointer
 from .core import AdapterLayer
 from .io import export_peft, file_bytes, load, save
 from .model import AdaptedModel, build
-from .peft_load import load_peft
 from .parts import SLOTS, Option, Part, names as part_names, part_class, register
+from .peft_load import load_peft
 from .spec import PRESETS, AdapterSpec
 from .training import NonFiniteLossError, StepRecord, TrainSettings, train
 

@@ -37,7 +37,6 @@ otherwise the import refuses with a ValueError naming the key and its value.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, ClassVar, Mapping
 
@@ -84,7 +83,11 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
     """PEFT's per-module lookup (peft.utils.other.get_pattern_key): the first key that matches the
     end of the module name as a regex, `(.*\\.)?key$`, gives the value."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as err:
+            raise ValueError(f"pattern key {key!r} is not a valid regular expression ({err})") from None
+        if hit:
             return value
     return default
 
