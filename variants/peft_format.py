@@ -20,15 +20,14 @@ correspond to our spec and our layers' tensors:
            regenerate it from projection_prng_key).
   ADALORA  our layer kind adalora: ΔW = B (A ⊙ E) · alpha / (init_r + 1e-5). `rank_pattern` holds
            one boolean mask per layer (key `<module>.lora_E`) and the file only the kept triplets;
-           PEFT scatters nothing back, it shrinks the layer but keeps ranknum = init_r, so the
-           scale is unchanged. We keep full init_r tensors: import puts the kept triplets at
+           PEFT shrinks the layer to them on load but keeps ranknum = init_r, so the scale is
+           unchanged. We keep full init_r tensors: import puts the kept triplets at
            their mask positions (E = 0 elsewhere) and restores the mask as the allocator's final
            rank mask; export slices by that mask (no rank_pattern while the allocator fixed none).
 
 Which layers are adapted is read from the tensor file, not re-derived from `target_modules`:
-the file names exactly the modules PEFT adapted (whatever `target_modules`, `exclude_modules`
-or `layers_to_transform` said), and a module PEFT targeted but did not save keeps its no-op
-initial value in PEFT too.
+PEFT saves the tensors of every module it adapted, so the file names exactly those modules,
+whatever `target_modules`, `exclude_modules` or `layers_to_transform` said.
 
 Config options: each codec lists the keys it reads and the keys that only shape
 initialisation or runtime (ignored); every other key must be off (None, false, "none", empty),
