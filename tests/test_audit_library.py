@@ -267,3 +267,20 @@ def test_modifiers_follow_the_layer_kinds_capability_flags(monkeypatch):
         variants.AdapterSpec.from_dict({"preset": "adalora", "total_step": 4, "scaling": "rslora"})
     monkeypatch.setattr(AdaLoRA, "scaled_by_spec", True)
     variants.AdapterSpec.from_dict({"preset": "adalora", "total_step": 4, "scaling": "rslora"})
+
+
+def test_adapter_layers_take_the_mode_of_the_layer_they_replace():
+    """A model in eval mode stays deterministic after build: the adapter's dropout is off until train()."""
+    torch.manual_seed(0)
+    model = tiny_llama()  # eval mode
+    adapted = variants.build(model, variants.get("lora", r=4, dropout=0.5, target_modules="q_proj,v_proj"))
+    assert all(not layer.training for layer in adapted.layers.values())
+    with torch.no_grad():
+        for layer in adapted.layers.values():
+            layer.lora_B.normal_()
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)
+    model.train()
+    assert all(layer.training for layer in adapted.layers.values())

@@ -81,7 +81,7 @@ class AdaLoRA(LayerKind):
     name = "adalora"
     idea = "SVD-form update; prune singular values by importance to a rank budget"
     idea_zh = "奇异值分解形式的增量，按重要性剪枝奇异值以分配秩预算"
-    peft_type = None  # PEFT has AdaLoRA, but its saved format resizes modules; ours keeps full tensors
+    peft_type = "ADALORA"  # PEFT saves only the kept triplets (rank_pattern masks); peft_format.py maps them
     trains_lora_pair = True  # scaled_by_spec stays off: the scale is alpha/init_r by definition; E sits between
     options = {
         "target_r": Option(8, int, lambda v: v >= 1, ">= 1", "average final rank per layer"),

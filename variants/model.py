@@ -361,6 +361,9 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
         for name, module in targets:
             layer = layer_kind.create(name, base_part.convert(name, module))  # type: ignore[attr-defined]
             init_part.init_layer(name, layer, module)  # type: ignore[attr-defined]
+            # a new module starts in training mode; take the replaced one's, or a model in eval mode
+            # would run the adapter's dropout at inference
+            layer.train(module.training)
             replace_module(model, name, layer)
             replaced.append((name, module))
             layers[name] = layer

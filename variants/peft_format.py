@@ -45,9 +45,6 @@ from . import parts as _parts
 from .spec import AdapterSpec
 
 PREFIX = "base_model.model."
-# LayerKind.peft_type is the hook a layer kind uses to say which PEFT type it exports as; these
-# two layer kinds do not declare it yet (their value is None in their own modules).
-_PENDING_PEFT_TYPE = {"sora": "LORA", "adalora": "ADALORA"}
 # Options of every PEFT config that do not change the adapter's function here: bookkeeping, and
 # which modules to target (the tensor file says which were adapted; see the module docstring).
 COMMON_IGNORED = frozenset({
@@ -388,7 +385,7 @@ def to_peft(adapted) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config.json, tensors by PEFT key) of an adapter, or a ValueError saying why PEFT cannot hold it."""
     spec = adapted.spec
     kind = adapted.layer_kind
-    peft_type = kind.peft_type or _PENDING_PEFT_TYPE.get(kind.name)
+    peft_type = kind.peft_type  # the PEFT type a layer kind exports as (None: PEFT lacks it)
     blockers = [f"{p.slot}={p.name}" for p in adapted.parts if not p.peft_exportable]
     codec = CODECS.get(peft_type)
     if codec is None or kind.name not in codec.layer_kinds or blockers:

@@ -73,7 +73,7 @@ class SoRA(LayerKind):
     name = "sora"
     idea = "a gate between A and B, sparsified by a proximal step; prune to the kept rank"
     idea_zh = "A 与 B 之间加门控向量，用近端梯度稀疏化，训练后剪枝到保留的秩"
-    peft_type = None
+    peft_type = "LORA"  # exported as LoRA with per-layer ranks (rank_pattern), gates folded into B
     trains_lora_pair = scaled_by_spec = True  # update_is_s_ba stays off: the gate sits between A and B
     options = {
         "sora_xi": Option(1e-3, float, lambda v: v >= 0, ">= 0", "ξ, the soft-threshold of the proximal step"),
