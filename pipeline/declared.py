@@ -16,8 +16,9 @@ each field.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import yaml
 
@@ -64,7 +65,7 @@ def declared_params(stage: str, dvc_yaml: str | os.PathLike = DVC_YAML) -> tuple
     return resolved
 
 
-def restrict(params: Params, stage: str, declared: tuple[str, ...] | None = None) -> "StageParams":
+def restrict(params: Params, stage: str, declared: tuple[str, ...] | None = None) -> StageParams:
     """`params` as `stage` may read them (its dvc.yaml `params:` list unless `declared` is given)."""
     if declared is None:
         declared = declared_params(stage)
@@ -101,7 +102,7 @@ class _Guard:
 class _View:
     """A dataclass whose fields are declared one by one."""
 
-    __slots__ = ("_obj", "_path", "_guard")
+    __slots__ = ("_guard", "_obj", "_path")
 
     def __init__(self, obj: Any, path: str, guard: _Guard):
         object.__setattr__(self, "_obj", obj)

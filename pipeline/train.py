@@ -5,8 +5,9 @@
         --checkpoints models/checkpoints/<variant>
 
 Reads params (those dvc.yaml declares for `train@<variant>`), the prepared data and the base
-model (and the 4-bit base for QLoRA/LoftQ); builds the variant's adapter (`variants.build`), trains it with the library's
-reference loop (every part's hooks, response-only loss) and writes, atomically:
+model (and the 4-bit base for QLoRA/LoftQ); builds the variant's adapter (`variants.build`),
+trains it with the library's reference loop (every part's hooks, response-only loss) and
+writes, atomically:
 
 - the adapter folder (--adapter): the adapter (adapter_config.json + adapter.safetensors),
   train_summary.json (trainable params, peak memory, wall time, tokens/s, ...) and
@@ -16,7 +17,8 @@ reference loop (every part's hooks, response-only loss) and writes, atomically:
 
 Checkpoints (every `train.checkpoint_interval` steps) go to --checkpoints, a scratch folder
 that is neither a DVC output nor tracked by git: they serve only to resume a killed run, so
-the stage stays restorable from DVC's run-cache. Progress (loss, s/step, ETA) is printed every step. A non-finite loss or gradient stops
+the stage stays restorable from DVC's run-cache. Progress (loss, s/step, ETA) is printed
+every step. A non-finite loss or gradient stops
 the run at once with an error naming the variant and step; the MLflow run then ends as
 FAILED and no adapter is written.
 """
@@ -48,13 +50,14 @@ from variants.quant import load_quantized
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
 
 
-def run_fingerprint(params, vcfg, data: str, base: str) -> str:
-    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base."""
+def run_fingerprint(params, vcfg, data: str, base: str, quantized: str) -> str:
+    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base, dtype."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"spec": vcfg.spec.to_dict(), "lr": vcfg.learning_rate(params.train),
-                              "train": vars(params.train), "seed": params.seed,
+                              "train": vars(params.train), "seed": params.seed, "dtype": params.model.dtype,
                               "max_length": params.data.max_length}, sort_keys=True, default=str).encode())
-    for path in sorted(Path(data).glob("*.jsonl")) + [Path(base) / "summary.json"]:
+    bases = [Path(base) / "summary.json"] + ([Path(quantized) / "summary.json"] if vcfg.spec.base != "full" else [])
+    for path in sorted(Path(data).glob("*.jsonl")) + bases:
         if path.exists():
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -101,7 +104,7 @@ def run(args, params) -> dict:
     if train_cfg.checkpoint_interval:
         # The checkpoint also carries the curve so far and the MLflow run to continue.
         checkpoint = variants.Checkpointer(args.checkpoints, train_cfg.checkpoint_interval,
-                                           run_fingerprint(params, vcfg, args.data, args.base),
+                                           run_fingerprint(params, vcfg, args.data, args.base, args.quantized),
                                            get_extra=lambda: {"rows": rows, "run_id": tracker.run_id})
         previous = checkpoint.load()
         if previous is not None:

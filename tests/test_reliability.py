@@ -341,6 +341,56 @@ def test_an_exception_while_writing_keeps_previous_outputs(tmp_path, monkeypatch
     assert _snapshot(tmp_path) == before
 
 
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if re.match(r"\..+\.(tmp|old)-", p.name))
+
+
+def test_staging_files_of_a_killed_stage_are_removed_when_it_next_starts(workspace, monkeypatch):
+    """What a SIGKILL mid-write leaves: a staged file, a staged folder, a folder swap cut in half
+    (the previous adapter moved aside, the new one not yet in place), and the checkpoint's own."""
+    from pipeline import train
+
+    monkeypatch.chdir(workspace)
+    planted = {
+        "reports/curves/.lora.csv.tmp-k1ll3d": b"step,loss\n1,",
+        "models/adapters/.lora.tmp-k1ll3d/adapter.safetensors": b"half",
+        "models/adapters/.lora.old-k1ll3d/previous/adapter.safetensors": b"previous",
+        "models/checkpoints/lora/.current.tmp-k1ll3d/state.safetensors": b"half",
+        "models/checkpoints/lora/.previous.old-k1ll3d/state.json": b"{}",
+        "reports/curves/.dora.csv.tmp-0ther": b"another stage's: not ours to remove",
+    }
+    for path, data in planted.items():
+        (workspace / path).parent.mkdir(parents=True, exist_ok=True)
+        (workspace / path).write_bytes(data)
+    train.run(*train.parse(stage_argv("train@lora")))
+    assert _leftovers(workspace) == ["reports/curves/.dora.csv.tmp-0ther"]
+    assert (workspace / "models/adapters/lora/adapter.safetensors").stat().st_size > 100
+    (workspace / "reports/curves/.dora.csv.tmp-0ther").unlink()
+
+
+def test_a_folder_swap_cut_in_half_gets_its_previous_version_back(tmp_path):
+    from pipeline.files import remove_leftovers
+
+    (tmp_path / ".plots.old-k1ll3d" / "previous").mkdir(parents=True)
+    (tmp_path / ".plots.old-k1ll3d" / "previous" / "a.png").write_bytes(b"previous")
+    (tmp_path / ".plots.tmp-k1ll3d").mkdir()
+    (tmp_path / ".plots.tmp-k1ll3d" / "a.png").write_bytes(b"half")
+    remove_leftovers([tmp_path / "plots"])
+    assert _snapshot(tmp_path) == {"plots/a.png": b"previous"}
+
+
+def test_git_ignores_scratch_and_staging_files():
+    names = ["reports/curves/.lora.csv.tmp-abc123", "reports/metrics/.lora.json.tmp-abc123",
+             "models/adapters/.lora.tmp-abc123/adapter.safetensors",
+             "models/adapters/.lora.old-abc123/previous/adapter.safetensors",
+             "models/checkpoints/lora/current/state.safetensors"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert done.stdout.split() == names
+    dvcignore = (ROOT / ".dvcignore").read_text().split()
+    assert ".*.tmp-*" in dvcignore and ".*.old-*" in dvcignore
+
+
 def test_compare_stage_failure_keeps_the_previous_report(workspace, monkeypatch):
     from pipeline import compare
 

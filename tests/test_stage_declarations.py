@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_cmds import stage_argv
+from tiny_assets import save_tiny_model, small_pipeline_params
 
 from pipeline.declared import UndeclaredParamError, declared_params, restrict
 from pipeline.params import load_params
-from stage_cmds import stage_argv
-from tiny_assets import save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH_OPTIONS = ("--checkpoints",)  # scratch folders: read and written, but never a dep or an out

@@ -242,7 +242,7 @@ class Checkpointer:
             if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint:
                 return None, None
             return unflatten_state(meta["state"], load_file(str(folder / STATE_TENSORS))), None
-        except Exception as err:  # verified yet unreadable: written by a broken writer; treat as bad
+        except Exception as err:  # noqa: BLE001 - verified yet unreadable (a broken writer): treat as bad
             return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
     def _remove_leftovers(self) -> None:
