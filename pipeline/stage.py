@@ -30,8 +30,9 @@ def start(module: str, doc: str, argv: list[str] | None, *,
     """(arguments, params); params is None after an error message naming the bad key was printed.
 
     `module` is the script (pipeline.<module>) and, unless `stage` (a function of the
-    arguments, e.g. `train@<variant>`) says otherwise, its dvc.yaml stage name. `inputs` / `outputs` map path options ("--base") to their help; all
-    are required. `options` are further arguments as argparse takes them.
+    arguments, e.g. `train@<variant>`) says otherwise, its dvc.yaml stage name. `inputs` and
+    `outputs` map path options ("--base") to their help; all are required, and leftovers of
+    killed writes beside each output are removed. `options` are further argparse arguments.
     """
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{module}", description=doc.strip().splitlines()[0])
     for name, kwargs in positional:
