@@ -1,10 +1,13 @@
 """Stage `compare`: every variant's metrics -> the comparison report.
 
-Reads reports/metrics/*.json (every variant of params.yaml plus the `base` baseline),
-reports/predictions/*.jsonl, reports/curves/*.csv and reports/quantize.json; writes
-(atomically) reports/comparison.csv (validated by the ComparisonTable schema),
-reports/comparison.md and its Chinese twin reports/comparison.zh.md, and PNG plots in
-reports/plots/: loss curves overlaid, quality vs trainable parameters, quality vs peak
+    python -m pipeline.compare --metrics reports/metrics --predictions reports/predictions \
+        --curves reports/curves --quantize reports/quantize.json --csv reports/comparison.csv \
+        --md reports/comparison.md --md-zh reports/comparison.zh.md --plots reports/plots
+
+Reads <metrics>/<name>.json and <predictions>/<name>.jsonl (every variant of params.yaml plus
+the `base` baseline), <curves>/<variant>.csv and the quantize summary; writes (atomically) the
+comparison CSV (validated by the ComparisonTable schema), the markdown report and its Chinese
+twin, and PNG plots in the plots folder: loss curves overlaid, quality vs trainable parameters, quality vs peak
 memory. Labels, use cases and the selection guide are derived from the numbers
 (pipeline/report.py).
 """
@@ -22,32 +25,28 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report as R
-from pipeline.evaluate import BASELINE, metrics_path, predictions_path
 from pipeline.files import commit_outputs
 from pipeline.params import Params
-from pipeline.stage import start
 from pipeline.projection import project
 from pipeline.schemas import COMPARISON_COLUMNS, METRIC_COLUMNS, validate_comparison
+from pipeline.stage import start
 from pipeline.tracking import git_commit
-from pipeline.train import curve_path
 
-PLOTS = "reports/plots"
-CSV = "reports/comparison.csv"
-MD = {"en": "reports/comparison.md", "zh": "reports/comparison.zh.md"}
-QUANTIZE = "reports/quantize.json"
+BASELINE = "base"  # the base model's row: the name dvc.yaml's evaluate_base stage gives it
 TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
 
 
-def load_inputs(params: Params):
+def load_inputs(params: Params, args):
     names = list(params.variants) + [BASELINE]
     rows, preds, curves = {}, {}, {}
     for name in names:
-        rows[name] = json.loads(Path(metrics_path(name)).read_text())
-        with open(predictions_path(name), encoding="utf-8") as handle:
+        rows[name] = json.loads((Path(args.metrics) / f"{name}.json").read_text())
+        with open(Path(args.predictions) / f"{name}.jsonl", encoding="utf-8") as handle:
             preds[name] = [json.loads(line) for line in handle if line.strip()]
         if name != BASELINE:
-            curves[name] = pd.read_csv(curve_path(name))
-    quant = json.loads(Path(QUANTIZE).read_text()) if Path(QUANTIZE).exists() else None
+            curves[name] = pd.read_csv(Path(args.curves) / f"{name}.csv")
+    quantize = Path(args.quantize)
+    quant = json.loads(quantize.read_text()) if quantize.exists() else None
     return rows, preds, curves, quant
 
 
@@ -460,10 +459,14 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    _, params = start("compare", __doc__, argv)
+    args, params = start("compare", __doc__, argv,
+                         inputs={"--metrics": "the folder of metrics rows", "--predictions": "the folder of predictions",
+                                 "--curves": "the folder of training curves", "--quantize": "the quantize summary"},
+                         outputs={"--csv": "the comparison table", "--md": "the report", "--md-zh": "the Chinese report",
+                                  "--plots": "the plots folder"})
     if params is None:
         return 1
-    rows, preds, curves, quant = load_inputs(params)
+    rows, preds, curves, quant = load_inputs(params, args)
     g2p = params.data.source == "cmudict"
     table, derived = build_table(params, rows, preds, g2p)
     projs = projections(params, quant)
@@ -472,10 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.StringIO()
     table.to_csv(buf, index=False)
     # everything is rendered before anything is replaced: a failure keeps the previous report
-    files = {CSV: buf.getvalue(), **{path: render(lang, params, rows, table, derived, projs, quant, g2p, device)
-                                     for lang, path in MD.items()}}
-    commit_outputs(files, {PLOTS: lambda tmp: make_plots(tmp, rows, curves, g2p)})
-    print(f"compare: wrote {CSV}, {MD['en']}, {MD['zh']} and {PLOTS}/ for {len(params.variants)} variants", flush=True)
+    md = {"en": args.md, "zh": args.md_zh}
+    files = {args.csv: buf.getvalue(), **{path: render(lang, params, rows, table, derived, projs, quant, g2p, device)
+                                          for lang, path in md.items()}}
+    commit_outputs(files, {args.plots: lambda tmp: make_plots(tmp, rows, curves, g2p)})
+    print(f"compare: wrote {args.csv}, {args.md}, {args.md_zh} and {args.plots}/ for {len(params.variants)} variants", flush=True)
     return 0
 
 
