@@ -222,8 +222,8 @@ S = {
                        "approximation for any alpha; PEFT's loftq_init does not divide and is exact only when "
                        "alpha = r (peft#1982)."),
         "note_adalora": ("AdaLoRA follows PEFT's RankAllocator exactly (budget floored, masking after tinit, forced "
-                         "at T − tfinal, unsquared orthogonality norms); unlike PEFT 0.21.2, whose `ranknum` "
-                         "stays trainable after get_peft_model, ranknum is the constant init_r as in the paper."),
+                         "at T − tfinal, unsquared orthogonality norms); ranknum is the constant init_r, as in the paper "
+                         "and in PEFT 0.21.2 (a frozen parameter there)."),
         "notes": [
             "Every method is this project's own implementation (`variants/`); LoRA, rsLoRA, DoRA, VeRA, LoRA-FA and "
             "LoRA+ match PEFT 0.21.2 numerically (tests/test_parity_peft.py, tests/test_methods.py).",
@@ -284,7 +284,7 @@ S = {
         "note_loftq": ("LoftQ 把 SVD 因子除以缩放系数 s，因此对任意 alpha，deq(Q) + s·BA 都是预期的近似；PEFT 的 loftq_init "
                        "不做除法，只有 alpha = r 时才精确（peft#1982）。"),
         "note_adalora": ("AdaLoRA 完全按照 PEFT 的 RankAllocator（预算取整、tinit 之后才剪枝、在 T − tfinal 强制剪枝、正交项范数不平方）；"
-                         "PEFT 0.21.2 在 get_peft_model 之后 `ranknum` 仍可训练，这里按论文保持为常数 init_r。"),
+                         "ranknum 为常数 init_r，与论文及 PEFT 0.21.2（其中为冻结参数）一致。"),
         "notes": [
             "所有方法都是本项目自己的实现（`variants/`）；LoRA、rsLoRA、DoRA、VeRA、LoRA-FA、LoRA+ 与 PEFT 0.21.2 数值一致"
             "（tests/test_parity_peft.py、tests/test_methods.py）。",
