@@ -9,7 +9,9 @@ the `base` baseline), <curves>/<variant>.csv and the quantize summary; writes (a
 comparison CSV (validated by the ComparisonTable schema), the markdown report and its Chinese
 twin, and PNG plots in the plots folder: loss curves overlaid, quality vs trainable parameters, quality vs peak
 memory. Labels, use cases and the selection guide are derived from the numbers
-(pipeline/report.py).
+(pipeline/report.py). A variant imported with `peft_adapter` (trained elsewhere) is compared on
+quality; its training columns read "imported" / "导入", and it is left out of the memory labels,
+the memory and speed guide, the 7B projection and the loss-curve plot.
 """
 
 from __future__ import annotations
@@ -36,14 +38,20 @@ BASELINE = "base"  # the base model's row: the name dvc.yaml's evaluate_base sta
 TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
 
 
+def imported_variants(params: Params) -> frozenset[str]:
+    """The variants imported from a PEFT folder (`peft_adapter`): evaluated here, trained elsewhere."""
+    return frozenset(name for name, v in params.variants.items() if v.peft_adapter is not None)
+
+
 def load_inputs(params: Params, args):
     names = list(params.variants) + [BASELINE]
+    imported = imported_variants(params)
     rows, preds, curves = {}, {}, {}
     for name in names:
         rows[name] = json.loads((Path(args.metrics) / f"{name}.json").read_text())
         with open(Path(args.predictions) / f"{name}.jsonl", encoding="utf-8") as handle:
             preds[name] = [json.loads(line) for line in handle if line.strip()]
-        if name != BASELINE:
+        if name != BASELINE and name not in imported:  # an imported adapter's curve is empty
             curves[name] = pd.read_csv(Path(args.curves) / f"{name}.csv")
     quantize = Path(args.quantize)
     quant = json.loads(quantize.read_text()) if quantize.exists() else None
@@ -51,8 +59,9 @@ def load_inputs(params: Params, args):
 
 
 def build_table(params: Params, rows, preds, g2p: bool) -> tuple[pd.DataFrame, dict]:
+    imported = imported_variants(params)
     qualities = R.quality_labels(rows, preds, g2p)
-    memories = R.memory_labels(rows)
+    memories = R.memory_labels(rows, imported=imported)
     records = []
     for name, row in rows.items():
         diff = qualities[name][1]
@@ -60,13 +69,16 @@ def build_table(params: Params, rows, preds, g2p: bool) -> tuple[pd.DataFrame, d
                         "quality_label": qualities[name][0],
                         "per_delta_vs_lora": diff.delta if (diff is not None and g2p) else None})
     table = validate_comparison(pd.DataFrame(records, columns=list(COMPARISON_COLUMNS)))
-    derived = {"quality": qualities, "memory": memories, "use": R.use_cases(rows, qualities, memories)}
+    derived = {"quality": qualities, "memory": memories, "use": R.use_cases(rows, qualities, memories, imported=imported),
+               "imported": imported}
     return table, derived
 
 
 def projections(params: Params, quant: dict | None):
     out = {}
     for name, v in params.variants.items():
+        if v.peft_adapter is not None:
+            continue  # trained elsewhere, perhaps differently: no training-memory projection
         bits = "4bit" if v.spec.base != "full" else "bf16"
         out[name] = project(name, v.spec, bits, params.quantize.blocksize, params.quantize.double_quant)
     if "lora" in params.variants and not any(v.spec.base != "full" for v in params.variants.values()):
@@ -134,7 +146,7 @@ def make_plots(folder: Path, rows, curves, g2p: bool) -> None:
         fig, ax = plt.subplots(figsize=(7, 5))
         points = []
         for name, row in rows.items():
-            if name == BASELINE or row.get(quality_key) is None:
+            if name == BASELINE or row.get(quality_key) is None or row[key] is None:  # imported: no training memory
                 continue
             x = row[key] / (2**20 if key.endswith("memory_bytes") else 1)
             color, _, marker = style[name]
@@ -233,6 +245,9 @@ S = {
             "DoRA's norm is detached (paper §4.3) and its magnitude starts at ‖W0‖_row; VeRA shares one frozen "
             "Kaiming pair and starts λ_b = 0 (the tutorial's sample code gets both wrong).",
         ],
+        "note_imported": ("Imported, not trained here: {names} — PEFT adapters trained elsewhere (`peft_adapter` in "
+                          "params.yaml), loaded with `variants.load_peft` and evaluated like the others. Their training "
+                          "cost was not measured here, so they carry no memory or speed label and no loss curve."),
         "base_row": "base model",
     },
     "zh": {
@@ -293,6 +308,8 @@ S = {
             "DoRA 的范数按论文 §4.3 分离梯度，幅度初始化为 ‖W0‖ 的行范数；VeRA 全模型共享一对冻结的 Kaiming 矩阵，"
             "λ_b 初始化为 0（教程示例代码这两处都有误）。",
         ],
+        "note_imported": ("导入而非在此训练：{names} —— 在别处训练的 PEFT 适配器（params.yaml 中的 `peft_adapter`），"
+                          "用 `variants.load_peft` 加载后与其他变体同样评估。其训练成本不在此测量，因此没有显存或速度标签，也没有损失曲线。"),
         "base_row": "基座模型",
     },
 }
@@ -321,18 +338,21 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
     lines += ["", s["t1_note"].format(n=R.BOOTSTRAP_SAMPLES, metric=metric, k=compared, chance=0.05 * compared), ""]
 
     lines += [s["t2"], "", s["t2_head"].format(metric=metric), "|" + "---|" * 13]
+    imported = derived.get("imported", frozenset())
     for name, row in rows.items():
         diff = derived["quality"][name][1]
         shown = s["base_row"] if name == "base" else name
         per = row["phoneme_error_rate"] if g2p else 1 - row["exact_match"]
         lr = f"{row['lr']:.0e}" if R.is_finite(row.get("lr")) else "—"
+        training = ([labels["imported"]] * 5 if name in imported else  # memory, RSS, time, tokens/s, LR
+                    [R.fmt_bytes(row["training_memory_bytes"]), R.fmt_bytes(row["peak_memory_bytes"]),
+                     f"{row['train_seconds']:.0f} s", f"{row['tokens_per_second']:.0f}", lr])
         lines.append(
             f"| {shown} | {per:.3f} | {R.fmt_diff(diff)} | {row['exact_match']:.3f} | {row['eval_loss']:.3f} | "
             f"{R.fmt_params(row['trainable_params'])} ({row['trainable_percent']:.3f}%) | "
             f"{R.fmt_bytes(row['adapter_bytes']) if row['adapter_bytes'] else '—'} | {R.fmt_bytes(row['base_weight_bytes'])} | "
-            f"{R.fmt_bytes(row['training_memory_bytes'])} | {R.fmt_bytes(row['peak_memory_bytes'])} | "
-            f"{row['train_seconds']:.0f} s | {row['tokens_per_second']:.0f} | {lr} |")
-    method = next((r.get("peak_memory_method") for n, r in rows.items() if n != "base"), "")
+            + " | ".join(training) + " |")
+    method = next((r.get("peak_memory_method") for n, r in rows.items() if n != "base" and n not in imported), "")
     lines += ["", s["t2_note"].format(method=method), ""]
 
     bits = quant["bits_per_param_formula"] if quant else 4.127
@@ -373,6 +393,8 @@ def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs,
         notes.append(s["note_loftq"])
     if any(sp.layer == "adalora" for sp in specs.values()):
         notes.append(s["note_adalora"])
+    if imported:
+        notes.append(s["note_imported"].format(names=", ".join(n for n in params.variants if n in imported)))
     lines += [s["t6"], ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
@@ -422,10 +444,11 @@ def ranks_section(lang: str, params: Params, rows) -> list[str]:
 def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[str]:
     s = S[lang]
     names = list(params.variants)
+    trained = [n for n in names if n not in derived.get("imported", ())]  # the memory and speed guide's candidates
     out = []
     key = (lambda n: rows[n]["phoneme_error_rate"]) if g2p else (lambda n: 1 - rows[n]["exact_match"])
     lora = rows.get("lora")
-    mem_name = min((n for n in names if n in projs), key=lambda n: projs[n].total_bytes)
+    mem_name = min((n for n in trained if n in projs), key=lambda n: projs[n].total_bytes)
     out.append(s["g_memory"].format(name=mem_name, gib=projs[mem_name].total_gib,
                                     lora=projs["lora"].total_gib if "lora" in projs else float("nan"),
                                     peak=R.fmt_bytes(rows[mem_name]["training_memory_bytes"])))
@@ -436,8 +459,8 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
     else:
         out.append(s["g_quality_none"].format(name=best, metric=metric, value=key(best)))
     # the fastest *other* method (LoRA is the reference it is measured against)
-    fast = max([n for n in names if n != "lora"] or names, key=lambda n: rows[n]["tokens_per_second"])
-    if R.is_faster(rows, fast):
+    fast = max([n for n in trained if n != "lora"] or trained, key=lambda n: rows[n]["tokens_per_second"])
+    if R.is_faster(rows, fast, imported=derived.get("imported", frozenset())):
         out.append(s["g_speed"].format(name=fast, tps=rows[fast]["tokens_per_second"], lora=lora["tokens_per_second"]))
     else:
         out.append(s["g_speed_none"].format(margin=R.SPEED_MARGIN, name=fast, tps=rows[fast]["tokens_per_second"],

@@ -8,8 +8,9 @@ file, so any mistake fails fast, with one message naming the key path and the ba
     params.yaml: data.tokens: unknown key (known: hf_name, keep_stress, ...)
 
 Sections: `seed`, `model`, `data`, `quantize`, `train`, `eval`, `tracking`, `variants` (one
-adapter spec per method, see `variants.AdapterSpec`, plus an optional per-variant `lr`)
-and `variant` (the experiment's headline variant, read by the `focus` stage).
+adapter spec per method, see `variants.AdapterSpec`, plus an optional per-variant `lr`; or
+`peft_adapter: <folder>` alone, a PEFT adapter trained elsewhere that is imported and evaluated,
+not trained) and `variant` (the experiment's headline variant, read by the `focus` stage).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import Any, Mapping
 
 import yaml
 
-from variants import AdapterSpec
+from variants import AdapterSpec, peft_spec
 
 PARAMS_FILE = "params.yaml"
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # keys of a variants.<name> entry that belong to the pipeline, not to the adapter spec
-VARIANT_PIPELINE_KEYS = ("lr",)
+VARIANT_PIPELINE_KEYS = ("lr", "peft_adapter")
 
 
 class ParamsError(ValueError):
@@ -116,6 +117,8 @@ class VariantConfig:
     name: str
     spec: AdapterSpec
     lr: float | None = None  # overrides train.lr for this variant (VeRA needs a higher one)
+    # a PEFT adapter folder trained elsewhere: `train` imports it instead of training (spec read from it)
+    peft_adapter: str | None = None
 
     def learning_rate(self, train: TrainConfig) -> float:
         return self.lr if self.lr is not None else train.lr
@@ -185,6 +188,9 @@ def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:
         if not isinstance(entry, Mapping):
             raise ParamsError(f"{label}: {where} must be a mapping, got {_show(entry)}")
         entry = dict(entry)
+        if "peft_adapter" in entry:
+            out[name] = _imported_variant(name, entry, label)
+            continue
         lr = entry.pop("lr", None)
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
             raise ParamsError(f"{label}: {where}.lr must be a positive number, got {_show(lr)}")
@@ -194,6 +200,26 @@ def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:
             raise ParamsError(f"{label}: {where}: {err}") from None
         out[name] = VariantConfig(name=name, spec=spec, lr=float(lr) if lr is not None else None)
     return out
+
+
+def _imported_variant(name: str, entry: dict, label: str) -> VariantConfig:
+    """variants.<name>: {peft_adapter: <folder>}; the spec is the one the folder's PEFT config describes."""
+    where = f"variants.{name}.peft_adapter"
+    folder = entry.pop("peft_adapter")
+    if entry:
+        # a preset, r, alpha or lr next to it would be silently ignored: the adapter is already trained
+        extra = ", ".join(f"{key}={value!r}" for key, value in entry.items())
+        raise ParamsError(f"{label}: variants.{name}: peft_adapter takes no other key, got {extra} (the imported "
+                          "adapter is evaluated as it is, not trained)")
+    if not isinstance(folder, str) or not folder.strip():
+        raise ParamsError(f"{label}: {where} must name a PEFT adapter folder, got {_show(folder)}")
+    if not Path(folder).is_dir():
+        raise ParamsError(f"{label}: {where}: no such folder {folder!r}")
+    try:
+        spec = peft_spec(folder)
+    except (ValueError, OSError) as err:
+        raise ParamsError(f"{label}: {where} ({folder!r}): {err}") from None
+    return VariantConfig(name=name, spec=spec, peft_adapter=folder)
 
 
 def _check_cross_fields(params: Params, label: str) -> None:
@@ -209,6 +235,8 @@ def _check_cross_fields(params: Params, label: str) -> None:
         raise ParamsError(f"{label}: model.source: no such model folder {model.source!r}")
     for name, v in params.variants.items():
         spec = v.spec
+        if v.peft_adapter is not None:
+            continue  # trained elsewhere: neither the quantize stage nor train.steps applies to it
         if spec.base in ("nf4", "fp4"):
             q = params.quantize
             mine = (spec.base, spec.options["double_quant"], spec.options["quant_blocksize"])

@@ -13,7 +13,9 @@ Everything here is derived from measurements; no sentence about a method is fixe
   quality, fastest training — faster than LoRA and than the field's median by SPEED_MARGIN),
   falling back to "general" / "通用";
 - selection guide: the variant that wins each criterion, with its number, and an explicit
-  statement when no variant separates from LoRA beyond noise.
+  statement when no variant separates from LoRA beyond noise;
+- imported adapters (`peft_adapter`, trained elsewhere): compared on quality like any other,
+  left out of every training-cost judgement (memory label "imported", never "faster").
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ BOOTSTRAP_SAMPLES = 2000
 SPEED_MARGIN = 1.6
 
 
-def is_faster(rows: dict[str, dict], name: str, reference: str = "lora") -> bool:
+def is_faster(rows: dict[str, dict], name: str, reference: str = "lora", imported=frozenset()) -> bool:
     """True when `name` trained at least SPEED_MARGIN x faster than the reference *and* than the
     median of all trained methods.
 
     Stages run one after another, so a slow spell of the machine during one stage makes that
     stage slow as a whole (seen: LoRA's stage at 126 tokens/s in one run, 201 in another, same
     computation). Against an unlucky reference every method would look faster; a method that
-    is really faster also stands out against the field.
+    is really faster also stands out against the field. Imported adapters (`imported`) were not
+    trained here: they are neither candidates, nor the reference, nor part of the field.
     """
-    if reference not in rows or name == reference:
+    if reference not in rows or name == reference or name in imported or reference in imported:
         return False
     tps = rows[name]["tokens_per_second"]
-    field = [row["tokens_per_second"] for row in rows.values() if row["tokens_per_second"] > 0]
+    field = [row["tokens_per_second"] for n, row in rows.items() if row["tokens_per_second"] > 0 and n not in imported]
     return tps >= SPEED_MARGIN * rows[reference]["tokens_per_second"] and tps >= SPEED_MARGIN * float(np.median(field))
 DEFAULT_PARTS = {"scaling": "standard", "base": "full", "init": "default", "optimizer": "adamw", "step": "none"}
 
@@ -117,13 +120,15 @@ def quality_labels(rows: dict[str, dict], predictions: dict[str, list[dict]], g2
     return out
 
 
-def memory_labels(rows: dict[str, dict], reference: str = "lora") -> dict[str, str]:
-    if reference not in rows:
-        return {name: "medium" for name in rows}
-    ref = rows[reference]["training_memory_bytes"]
-    ratios = {name: row["training_memory_bytes"] / ref for name, row in rows.items()}
+def memory_labels(rows: dict[str, dict], reference: str = "lora", imported=frozenset()) -> dict[str, str]:
+    """Training memory relative to the reference's; "imported" for adapters not trained here."""
+    out = {name: "imported" for name in rows if name in imported}
+    trained = {name: row for name, row in rows.items() if name not in imported}
+    if reference not in trained:
+        return {**{name: "medium" for name in trained}, **out}
+    ref = trained[reference]["training_memory_bytes"]
+    ratios = {name: row["training_memory_bytes"] / ref for name, row in trained.items()}
     lowest = min(ratios, key=ratios.get)
-    out = {}
     for name, ratio in ratios.items():
         if name == lowest and ratio < 0.95:
             out[name] = "lowest"
@@ -133,11 +138,12 @@ def memory_labels(rows: dict[str, dict], reference: str = "lora") -> dict[str, s
             out[name] = "high"
         else:
             out[name] = "medium"
-    return out
+    return {name: out[name] for name in rows}
 
 
-def use_cases(rows: dict[str, dict], qualities: dict, memories: dict, reference: str = "lora") -> dict[str, list[str]]:
-    """Derived use cases (keys into USE_CASE_TEXT)."""
+def use_cases(rows: dict[str, dict], qualities: dict, memories: dict, reference: str = "lora",
+              imported=frozenset()) -> dict[str, list[str]]:
+    """Derived use cases (keys into USE_CASE_TEXT); imported adapters get no training-cost case."""
     ref = rows.get(reference)
     out = {}
     for name, row in rows.items():
@@ -149,7 +155,7 @@ def use_cases(rows: dict[str, dict], qualities: dict, memories: dict, reference:
                 cases.append("memory")
             if qualities[name][0] == "better":
                 cases.append("quality")
-            if is_faster(rows, name, reference):
+            if is_faster(rows, name, reference, imported):
                 cases.append("speed")
             if qualities[name][0] == "worse":
                 cases.append("avoid_here")
@@ -161,7 +167,7 @@ TEXT = {
     "en": {
         "sep": "; ",
         "labels": {"lowest": "lowest", "low": "low", "medium": "medium", "high": "high", "better": "better",
-                   "comparable": "comparable", "worse": "worse", "baseline": "baseline"},
+                   "comparable": "comparable", "worse": "worse", "baseline": "baseline", "imported": "imported"},
         "use": {"few_params": "many adapters / multi-task (fewest trainable parameters)",
                 "memory": "memory-constrained", "quality": "best quality at this budget",
                 "speed": "faster training", "avoid_here": "not at this budget (measurably worse)",
@@ -170,7 +176,7 @@ TEXT = {
     "zh": {
         "sep": "；",
         "labels": {"lowest": "最低", "low": "低", "medium": "中", "high": "高", "better": "更好",
-                   "comparable": "相当", "worse": "较差", "baseline": "基准"},
+                   "comparable": "相当", "worse": "较差", "baseline": "基准", "imported": "导入"},
         "use": {"few_params": "多任务 / 多适配器（可训练参数最少）", "memory": "显存受限",
                 "quality": "该预算下效果最好", "speed": "加速训练", "avoid_here": "该预算下不推荐（可测量地更差）",
                 "general": "通用"},

@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "validation", "test")
-MEMORY_LABELS = ("lowest", "low", "medium", "high")
+# "imported": an adapter trained elsewhere (`peft_adapter`), whose training memory is unknown
+MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported")
 QUALITY_LABELS = ("better", "comparable", "worse", "baseline")
 MAX_SHOWN = 10
 
@@ -105,9 +106,11 @@ class VariantMetrics(pa.DataFrameModel):
     trainable_percent: Series[float] = pa.Field(in_range={"min_value": 0, "max_value": 100})
     adapter_bytes: Series[int] = pa.Field(ge=0)
     base_weight_bytes: Series[int] = pa.Field(gt=0)
-    peak_memory_bytes: Series[int] = pa.Field(gt=0)
+    # Null for an adapter imported with `peft_adapter` (trained elsewhere: nothing was measured here);
+    # a nullable integer dtype, so the CSV still prints whole numbers.
+    peak_memory_bytes: Series[pd.Int64Dtype] = pa.Field(gt=0, nullable=True)
     # base weights + what training added on top (see pipeline/runtime.PeakMemory); the memory label uses it
-    training_memory_bytes: Series[int] = pa.Field(gt=0)
+    training_memory_bytes: Series[pd.Int64Dtype] = pa.Field(gt=0, nullable=True)
     train_seconds: Series[float] = pa.Field(ge=0)
     tokens_per_second: Series[float] = pa.Field(ge=0)
     steps: Series[int] = pa.Field(ge=0)
@@ -194,7 +197,7 @@ def _validate(
 def _fractional_int_failures(model: type[pa.DataFrameModel], df: pd.DataFrame) -> list[str]:
     lines = []
     for name, column in model.to_schema().columns.items():
-        if name not in df.columns or "int" not in str(column.dtype):
+        if name not in df.columns or "int" not in str(column.dtype).lower():  # int64 and Int64
             continue
         values = df[name]
         if not pd.api.types.is_float_dtype(values):

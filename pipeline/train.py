@@ -15,6 +15,10 @@ writes, atomically:
 - the curve (--curve): per-step loss, learning rate, gradient norm, and the
   validation loss every `train.eval_interval` steps.
 
+A variant whose params entry is `peft_adapter: <folder>` is imported, not trained
+(`import_peft_adapter`): the PEFT adapter is loaded onto the base (`variants.load_peft`) and
+written in our format with the same outputs, so `evaluate@<variant>` treats it like any other.
+
 Checkpoints (every `train.checkpoint_interval` steps) go to --checkpoints, a scratch folder
 that is neither a DVC output nor tracked by git: they serve only to resume a killed run, so
 the stage stays restorable from DVC's run-cache. Progress (loss, s/step, ETA) is printed
@@ -77,6 +81,8 @@ def parse(argv: list[str] | None = None):
 def run(args, params) -> dict:
     name = args.variant
     vcfg = params.get_variant(name)
+    if vcfg.peft_adapter is not None:
+        return import_peft_adapter(args, params, vcfg)
     train_cfg = params.train
     configure_cpu()
     seed_everything(params.seed)
@@ -188,6 +194,72 @@ def run(args, params) -> dict:
         checkpoint.clear()
     print(f"[{name}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
+    return summary
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_peft_adapter(args, params, vcfg) -> dict:
+    """The train stage of a `peft_adapter` entry: import the PEFT adapter, write a trained variant's outputs.
+
+    The summary records zero steps, time and tokens, and null training memory (nothing was
+    trained here), plus `imported_from`: the folder and the sha256 of its two files. DVC cannot
+    declare that folder as a dep of a foreach stage, so these hashes are what shows, in the
+    adapter folder and in `dvc diff`, which files the evaluated adapter came from.
+    """
+    from variants.peft_load import CONFIG_NAME as PEFT_CONFIG, WEIGHTS_NAME as PEFT_WEIGHTS
+
+    name, folder = args.variant, Path(vcfg.peft_adapter)
+    configure_cpu()
+    seed_everything(params.seed)
+    device = pick_device(params.train.device)
+    hashes = {f: file_sha256(folder / f) for f in (PEFT_CONFIG, PEFT_WEIGHTS)}
+    started = time.perf_counter()
+    model, _ = load_base(args.base, params.model.dtype, params.model.trust_remote_code)
+    try:
+        adapted = variants.load_peft(model, folder)
+    except (ValueError, OSError) as err:  # e.g. the shapes do not fit this base model
+        raise DataError(f"variants.{name}.peft_adapter ({str(folder)!r}): {err}") from None
+    model.to(device)
+    trainable, total = adapted.parameter_counts()
+    summary = {
+        "variant": name, "label": vcfg.spec.label, "layer": vcfg.spec.layer, "spec": vcfg.spec.to_dict(),
+        "imported_from": {"path": str(folder), "sha256": hashes},
+        "optimizer": "none", "lr": None, "steps": 0, "batch_size": None,
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
+        "base_weight_bytes": adapted.base_weight_bytes(),
+        # not trained here: there is no training memory to report (the report shows "imported")
+        "peak_memory_bytes": None, "peak_memory_method": None, "training_memory_bytes": None,
+        "train_seconds": 0.0, "wall_seconds": time.perf_counter() - started, "tokens": 0, "tokens_per_second": 0.0,
+        "final_loss": None, "final_val_loss": None, "parts": adapted.parts_summary(), "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    tracker = Tracker(params.tracking.enabled, params.tracking.experiment, params.tracking.uri)
+    tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer, "imported": "true"})
+    tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()}, "imported_from": str(folder),
+                        **{f"sha256.{f}": h for f, h in hashes.items()}})
+
+    def write_adapter(tmp: Path) -> None:
+        variants.save(adapted, tmp, metadata={"variant": name, "base": args.base, "imported_from": str(folder)})
+        summary["adapter_bytes"] = variants.file_bytes(tmp)
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        (tmp / "mlflow.json").write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}, indent=2))
+
+    try:
+        # an empty curve (header only): nothing was trained, and every variant has its curve file
+        commit_outputs({args.curve: ",".join(CURVE_COLUMNS) + "\r\n"}, {args.adapter: write_adapter})
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    print(f"[{name}] {vcfg.spec.label}: imported, not trained, from {folder} ({adapted.trainable_summary()})",
+          flush=True)
     return summary
 
 

@@ -8,6 +8,7 @@
     variants.save(adapted, "out/adapter")           # adapter_config.json + adapter.safetensors
     variants.export_peft(adapted, "out/peft")       # loads with peft.PeftModel.from_pretrained
     adapted = variants.load_peft(model, "peft/adapter")  # a PEFT adapter folder (LORA, VERA, ADALORA)
+    spec = variants.peft_spec("peft/adapter")       # its spec, read without a model or its tensors
 
 Methods (presets): lora, qlora, loftq, adalora, sora, lora_plus, dora, rslora, lora_fa, vera,
 delta_lora.
@@ -20,7 +21,7 @@ from .core import AdapterLayer
 from .io import export_peft, file_bytes, load, save
 from .model import AdaptedModel, build
 from .parts import SLOTS, Option, Part, names as part_names, part_class, register
-from .peft_load import load_peft
+from .peft_load import load_peft, peft_spec
 from .spec import PRESETS, AdapterSpec
 from .training import NonFiniteLossError, StepRecord, TrainSettings, train
 

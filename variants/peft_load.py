@@ -18,12 +18,14 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from .core import in_out_features
 from .model import AdaptedModel, build
 from .peft_format import PREFIX, Codec, codec_for_type
+from .spec import AdapterSpec
 from .targets import find_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -44,14 +46,18 @@ def read_peft_config(folder: Path) -> dict:
     return config
 
 
-def read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def _weights_path(folder: Path) -> Path:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         if (folder / PICKLED_WEIGHTS_NAME).is_file():
             raise ValueError(f"{folder}: only {WEIGHTS_NAME} is read; {PICKLED_WEIGHTS_NAME} is a pickle, which "
                              "load_peft never unpickles (save the adapter with safe_serialization=True)")
         raise FileNotFoundError(f"no PEFT adapter tensors at {path}")
-    return load_file(str(path))
+    return path
+
+
+def read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(_weights_path(folder)))
 
 
 def split_keys(tensors: dict[str, torch.Tensor], codec: Codec,
@@ -92,6 +98,33 @@ def _check_shapes(expected: dict[str, tuple[int, ...]], got: dict[str, torch.Ten
         if tuple(got[key].shape) != tuple(shape):
             raise ValueError(f"{where}: {prefix}{key} has shape {tuple(got[key].shape)}, this model and config "
                              f"need {tuple(shape)}")
+
+
+def peft_spec(folder: str | os.PathLike) -> AdapterSpec:
+    """The spec of the PEFT adapter saved in `folder`, without a model and without loading a tensor.
+
+    Reads `adapter_config.json` through its type's codec (so an option we cannot honour is refused
+    here too) and only the tensor *keys* of `adapter_model.safetensors` (its header), which name
+    the adapted modules. ValueError / FileNotFoundError name the folder.
+    """
+    folder = Path(folder)
+    where = str(folder)
+    try:
+        config = read_peft_config(folder)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON ({err})") from None
+    codec = codec_for_type(config["peft_type"], where)
+    cfg = codec.read_config(config, where)
+    try:
+        with safe_open(str(_weights_path(folder)), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (OSError, SafetensorError) as err:  # a truncated or foreign file
+        raise ValueError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({err})") from None
+    layers, _ = split_keys(dict.fromkeys(keys), codec, where)  # only the keys are looked at
+    try:
+        return codec.spec(cfg, sorted(layers))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 def load_peft(model: nn.Module, folder: str | os.PathLike) -> AdaptedModel:
