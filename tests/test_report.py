@@ -121,6 +121,27 @@ def test_a_slow_reference_stage_does_not_make_the_field_faster():
     assert [name for name, c in cases.items() if "speed" in c] == ["really_fast"]
 
 
+def test_imported_adapters_get_no_training_cost_label_and_leave_the_others_unchanged():
+    # an adapter imported with `peft_adapter` was not trained here: no memory, no speed (train stage's summary)
+    rows = {"lora": _row(1000, 100, 100.0), "plain": _row(1000, 100, 100.0), "lean": _row(900, 100, 170.0),
+            "mine": _row(None, 20, 0.0)}
+    trained = {name: row for name, row in rows.items() if name != "mine"}
+    memories = R.memory_labels(rows, imported={"mine"})
+    assert memories == {"lora": "medium", "plain": "medium", "lean": "lowest", "mine": "imported"}
+    assert list(memories) == list(rows)
+    assert {n: memories[n] for n in trained} == R.memory_labels(trained)
+    # an imported reference: the trained ones have nothing to be measured against
+    assert R.memory_labels(rows, imported={"lora"})["lora"] == "imported"
+    fast_import = {**rows, "mine": _row(None, 20, 1000.0)}  # whatever speed it claims
+    assert not R.is_faster(fast_import, "mine", imported={"mine"})
+    assert R.is_faster(fast_import, "lean", imported={"mine"})  # median of the trained field: 100
+    assert not R.is_faster(fast_import, "lean")  # were it in the field, the median would be 135
+    qualities = {name: ("comparable", None) for name in rows}
+    cases = R.use_cases(rows, qualities, memories, imported={"mine"})
+    assert cases["mine"] == ["few_params"]  # the adapter's own size still counts; training costs do not
+    assert cases["lean"] == ["memory", "speed"]
+
+
 # ----- Llama-2-7B projection -------------------------------------------------------------------------
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # the published parameter count of Llama-2-7B

@@ -235,7 +235,7 @@ def test_bad_labels_fail():
     df.loc[0, "quality_label"] = "best"
     msg = failure(df, validate_comparison)
     assert msg.startswith("comparison table failed validation:\n")
-    assert line_for(msg, "memory_label", "isin(['lowest', 'low', 'medium', 'high'])").endswith("rows [1]: ['tiny']")
+    assert line_for(msg, "memory_label", "isin(['lowest', 'low', 'medium', 'high', 'imported'])").endswith("rows [1]: ['tiny']")
     assert line_for(msg, "quality_label", "isin(['better', 'comparable', 'worse', 'baseline'])").endswith(
         "rows [0]: ['best']"
     )
