@@ -448,25 +448,27 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
     out = []
     key = (lambda n: rows[n]["phoneme_error_rate"]) if g2p else (lambda n: 1 - rows[n]["exact_match"])
     lora = rows.get("lora")
-    mem_name = min((n for n in trained if n in projs), key=lambda n: projs[n].total_bytes)
-    out.append(s["g_memory"].format(name=mem_name, gib=projs[mem_name].total_gib,
-                                    lora=projs["lora"].total_gib if "lora" in projs else float("nan"),
-                                    peak=R.fmt_bytes(rows[mem_name]["training_memory_bytes"])))
+    if trained:  # imported adapters have no training cost to guide by
+        mem_name = min((n for n in trained if n in projs), key=lambda n: projs[n].total_bytes)
+        out.append(s["g_memory"].format(name=mem_name, gib=projs[mem_name].total_gib,
+                                        lora=projs["lora"].total_gib if "lora" in projs else float("nan"),
+                                        peak=R.fmt_bytes(rows[mem_name]["training_memory_bytes"])))
     best = min(names, key=key)
     diff = derived["quality"][best][1]
     if diff is not None and diff.significant and diff.delta < 0:
         out.append(s["g_quality"].format(name=best, metric=metric, value=key(best), diff=R.fmt_diff(diff)))
     else:
         out.append(s["g_quality_none"].format(name=best, metric=metric, value=key(best)))
-    # the fastest *other* method (LoRA is the reference it is measured against)
-    fast = max([n for n in trained if n != "lora"] or trained, key=lambda n: rows[n]["tokens_per_second"])
-    if R.is_faster(rows, fast, imported=derived.get("imported", frozenset())):
-        out.append(s["g_speed"].format(name=fast, tps=rows[fast]["tokens_per_second"], lora=lora["tokens_per_second"]))
-    else:
-        out.append(s["g_speed_none"].format(margin=R.SPEED_MARGIN, name=fast, tps=rows[fast]["tokens_per_second"],
-                                            median=float(np.median([r["tokens_per_second"] for r in rows.values()
-                                                                    if r["tokens_per_second"] > 0])),
-                                            lora=lora["tokens_per_second"] if lora else float("nan")))
+    if trained:
+        # the fastest *other* method (LoRA is the reference it is measured against)
+        fast = max([n for n in trained if n != "lora"] or trained, key=lambda n: rows[n]["tokens_per_second"])
+        if R.is_faster(rows, fast, imported=derived.get("imported", frozenset())):
+            out.append(s["g_speed"].format(name=fast, tps=rows[fast]["tokens_per_second"], lora=lora["tokens_per_second"]))
+        else:
+            out.append(s["g_speed_none"].format(margin=R.SPEED_MARGIN, name=fast, tps=rows[fast]["tokens_per_second"],
+                                                median=float(np.median([r["tokens_per_second"] for r in rows.values()
+                                                                        if r["tokens_per_second"] > 0])),
+                                                lora=lora["tokens_per_second"] if lora else float("nan")))
     few = min(names, key=lambda n: rows[n]["trainable_params"])
     out.append(s["g_params"].format(name=few, params=R.fmt_params(rows[few]["trainable_params"]),
                                     ratio=rows[few]["trainable_params"] / lora["trainable_params"] if lora else float("nan"),
