@@ -49,6 +49,7 @@ from pipeline.runtime import PeakMemory, Progress, configure_cpu, format_seconds
 from pipeline.splits import read_split
 from pipeline.stage import start
 from pipeline.tracking import Tracker, standard_tags
+from variants import peft_load
 from variants.quant import load_quantized
 
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
@@ -213,13 +214,11 @@ def import_peft_adapter(args, params, vcfg) -> dict:
     declare that folder as a dep of a foreach stage, so these hashes are what shows, in the
     adapter folder and in `dvc diff`, which files the evaluated adapter came from.
     """
-    from variants.peft_load import CONFIG_NAME as PEFT_CONFIG, WEIGHTS_NAME as PEFT_WEIGHTS
-
     name, folder = args.variant, Path(vcfg.peft_adapter)
     configure_cpu()
     seed_everything(params.seed)
     device = pick_device(params.train.device)
-    hashes = {f: file_sha256(folder / f) for f in (PEFT_CONFIG, PEFT_WEIGHTS)}
+    hashes = {f: file_sha256(folder / f) for f in (peft_load.CONFIG_NAME, peft_load.WEIGHTS_NAME)}
     started = time.perf_counter()
     model, _ = load_base(args.base, params.model.dtype, params.model.trust_remote_code)
     try:

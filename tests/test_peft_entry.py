@@ -203,7 +203,7 @@ def test_an_unreadable_peft_folder_is_refused_naming_key_path_and_problem(tmp_pa
 
 def test_peft_spec_reads_keys_only(tmp_path, monkeypatch):
     folder = save_peft_lora(save_tiny_model(tmp_path / "m"), tmp_path / "peft")
-    import variants.peft_load as peft_load
+    from variants import peft_load
 
     monkeypatch.setattr(peft_load, "load_file", lambda *a, **k: pytest.fail("peft_spec loaded the tensors"))
     spec = variants.peft_spec(folder)

@@ -38,6 +38,6 @@ def get(name: str, **overrides) -> AdapterSpec:
 
 __all__ = [
     "AdaptedModel", "AdapterLayer", "Checkpointer", "AdapterSpec", "NonFiniteLossError", "Option", "PRESETS", "Part", "SLOTS",
-    "StepRecord", "TrainSettings", "build", "export_peft", "file_bytes", "get", "load", "load_peft", "names", "part_class",
+    "StepRecord", "TrainSettings", "build", "export_peft", "file_bytes", "get", "load", "load_peft", "names", "part_class", "peft_spec",
     "part_names", "register", "save", "train",
 ]
