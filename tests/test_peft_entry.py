@@ -210,3 +210,25 @@ def test_peft_spec_reads_keys_only(tmp_path, monkeypatch):
     # the adapted modules come from the file's keys (its header), not from target_modules
     assert spec.target_modules == tuple(f"model.layers.{i}.{m}" for i in (0, 1)
                                         for m in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"))
+
+
+def test_an_adapter_for_another_model_fails_the_train_stage_naming_the_entry_and_writes_nothing(
+        workspace, tmp_path, monkeypatch, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+    from pipeline import train
+
+    # the same module names, other shapes: the params check (config + keys) passes, the base does not fit
+    other = get_peft_model(tiny_llama(hidden_size=64, intermediate_size=96), LoraConfig(r=4, target_modules=["q_proj"]))
+    other.save_pretrained(tmp_path / "other")
+    raw = yaml.safe_load((workspace / "params.yaml").read_text())
+    raw["variants"] = {"lora": raw["variants"]["lora"], "other": {"peft_adapter": str(tmp_path / "other")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(workspace / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(stage_argv("train@other")) == 1
+    err = capsys.readouterr().err
+    assert f"variants.other.peft_adapter ('{tmp_path / 'other'}')" in err and "shape" in err
+    assert not (tmp_path / "models" / "adapters").exists() and not (tmp_path / "reports").exists()
