@@ -211,8 +211,9 @@ def import_peft_adapter(args, params, vcfg) -> dict:
 
     The summary records zero steps, time and tokens, and null training memory (nothing was
     trained here), plus `imported_from`: the folder and the sha256 of its two files. DVC cannot
-    declare that folder as a dep of a foreach stage, so these hashes are what shows, in the
-    adapter folder and in `dvc diff`, which files the evaluated adapter came from.
+    declare that folder as a dep of a foreach stage, so these hashes (also MLflow params) are the
+    record of which files the evaluated adapter came from; replacing them needs
+    `dvc repro -f -s train@<name>` (README, "Experiments").
     """
     name, folder = args.variant, Path(vcfg.peft_adapter)
     configure_cpu()
