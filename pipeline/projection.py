@@ -63,12 +63,20 @@ def _meta_llama2_7b():
         return LlamaForCausalLM(LlamaConfig(**LLAMA2_7B)).to(torch.bfloat16)
 
 
+def _full_precision_twin(spec: variants.AdapterSpec) -> variants.AdapterSpec:
+    """The same adapter on a full-precision base with the default init: the adapter's tensors have the
+    same shapes, and a meta-device model cannot be quantized (the 4-bit bytes come from a formula)."""
+    dropped = {key for slot in ("base", "init") for key in variants.part_class(slot, getattr(spec, slot)).options}
+    values = {k: v for k, v in spec.to_dict().items() if k not in dropped}
+    return variants.AdapterSpec.from_dict({**values, "base": "full", "init": "default"})
+
+
 def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", blocksize: int = 64,
             double_quant: bool = True) -> Projection:
     """The projection for one spec; `base_bits` is "bf16" or "4bit" (QLoRA-style storage)."""
     model = _meta_llama2_7b()
     base_params = sum(p.numel() for p in model.parameters())
-    adapted = variants.build(model, spec)
+    adapted = variants.build(model, _full_precision_twin(spec))
     adapter_params = sum(t.numel() for layer in adapted.layers.values() for t in layer.adapter_state().values())
     shared = sum(t.numel() for m in adapted.layer_kind.shared_modules().values() for t in m.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

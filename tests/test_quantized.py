@@ -188,3 +188,14 @@ def test_loftq_refuses_an_already_quantized_base_and_needs_nf4():
         variants.AdapterSpec.from_dict({"init": "loftq"})
     with pytest.raises(ValueError, match="incompatible combination: step=delta_lora with base=nf4"):
         variants.AdapterSpec.from_dict({"preset": "delta_lora", "base": "nf4"})
+
+
+def test_a_meta_weight_is_refused_and_later_quantization_still_works():
+    """bitsandbytes caches its code table on the device of its first call; a meta call used to poison it."""
+    from variants.quant import dequantize_weight, quantize_weight
+
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_weight(torch.empty(8, 64, device="meta"))
+    weight = torch.randn(8, 64)
+    packed, state = quantize_weight(weight)
+    assert (dequantize_weight(packed, state) - weight).abs().max() < 0.5 * weight.abs().max()

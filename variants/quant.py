@@ -37,6 +37,11 @@ def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", double_quant:
     """(packed uint8 codes, QuantState) of a weight; the state knows its shape and dtype."""
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be nf4 or fp4, got {quant_type!r}")
+    if weight.is_meta:
+        # bitsandbytes caches its double-quant code table on the device of its first call: a meta
+        # table would break every later quantization in the process
+        raise ValueError("cannot quantize a weight on the meta device (it has no values); build a 4-bit base "
+                         "from real weights")
     return bnb_functional().quantize_4bit(weight.detach().contiguous(), blocksize=blocksize,
                                           compress_statistics=double_quant, quant_type=quant_type)
 
