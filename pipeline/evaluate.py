@@ -13,7 +13,8 @@ train_summary.json. Writes, atomically:
 - reports/predictions/<name>.jsonl: every test prompt's generation and its edit distance
   (the report's paired bootstrap uses them).
 
-The MLflow run opened by `train@<variant>` gets the final metrics and the adapter.
+MLflow: a run of its own (the stage's start to end) nested under the run of `train@<variant>`,
+with the metrics and the predictions; the metrics are also copied onto the training run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 import variants
 from pipeline.errors import DataError
@@ -34,7 +33,6 @@ from pipeline.metrics import edit_distance, exact_match, normalize_generation, p
 from pipeline.params import ParamsError, load_params
 from pipeline.prepare import read_split
 from pipeline.runtime import PeakMemory, Progress, configure_cpu, pick_device, seed_everything
-from pipeline.schemas import METRIC_COLUMNS, validate_metrics
 from pipeline.tracking import Tracker, standard_tags
 from pipeline.train import BASE, adapter_dir
 
@@ -104,6 +102,10 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         "steps": summary["steps"] if summary else 0,
         "optimizer": summary["optimizer"] if summary else "none",
     }
+    import pandas as pd  # here, not at the top: `focus` and `compare` import this module for its paths
+
+    from pipeline.schemas import METRIC_COLUMNS, validate_metrics
+
     validate_metrics(pd.DataFrame([row], columns=list(METRIC_COLUMNS)))
     extra = {"label": summary["label"] if summary else "base model", "eval_seconds": peak.seconds,
              "n_test": len(test_ex), "task": "g2p" if g2p else params.data.source,
@@ -122,13 +124,17 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
 
     if name is not None:
         run_info = json.loads((Path(adapter_dir(name)) / "mlflow.json").read_text())
-        tracker = Tracker(params.tracking.enabled and run_info.get("run_id") is not None,
-                          params.tracking.experiment, run_info.get("uri"))
-        tracker.start(run_name=name, tags=standard_tags(name, "evaluate"), run_id=run_info.get("run_id"))
-        tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
-        tracker.log_artifacts(adapter_dir(name), "adapter")
+        train_run = run_info.get("run_id")
+        tracker = Tracker(params.tracking.enabled and train_run is not None, params.tracking.experiment,
+                          run_info.get("uri"))
+        # A run of its own, nested under the training run: its start and end are this stage's.
+        tracker.start(run_name=f"{name} evaluate", tags=standard_tags(name, "evaluate"), parent_run_id=train_run)
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+        tracker.log_metrics({**numbers, "eval_seconds": peak.seconds})
         tracker.log_artifact(predictions_path(label), "predictions")
         tracker.end("FINISHED")
+        # ...and the variant's numbers on the training run too, so the runs table shows them next to its params.
+        tracker.log_metrics(numbers, run_id=train_run)
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import json
 import sys
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline import g2p
 from pipeline.errors import DataError
 from pipeline.files import atomic_folder
 from pipeline.params import Params
 from pipeline.stage import start
-from pipeline.schemas import validate_prepared
+
+if TYPE_CHECKING:  # pandas and pandera load only where this stage builds its table, not in the
+    import pandas as pd  # later stages that import read_split (~0.4 s each)
+
+
+def validate_prepared(frame: pd.DataFrame) -> pd.DataFrame:
+    from pipeline.schemas import validate_prepared as validate
+
+    return validate(frame)
 
 OUT = "data/prepared"
 
@@ -39,6 +46,8 @@ def build_splits(params: Params) -> dict[str, list[dict]]:
 
 
 def to_frame(splits: dict[str, list[dict]]) -> pd.DataFrame:
+    import pandas as pd
+
     rows = [{**rec, "split": split} for split, records in splits.items() for rec in records]
     frame = pd.DataFrame(rows)
     columns = ["id", "prompt", "response", "split"] + (["word"] if "word" in frame.columns else [])

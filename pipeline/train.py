@@ -177,8 +177,10 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
     commit_outputs({curve_path(name): buf.getvalue()}, {adapter_dir(name): write_adapter})
     tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
-    tracker.log_metrics({"train_seconds": step_seconds, "tokens_per_second": summary["tokens_per_second"],
-                         "peak_memory_bytes": peak.bytes, "trainable_params": trainable})
+    tracker.log_metrics({"train_seconds": step_seconds, "train_wall_seconds": wall,
+                         "tokens_per_second": summary["tokens_per_second"], "peak_memory_bytes": peak.bytes,
+                         "trainable_params": trainable, "adapter_bytes": summary["adapter_bytes"]})
+    tracker.log_artifacts(adapter_dir(name), "adapter")
     tracker.end("FINISHED")
     if checkpoint is not None:
         checkpoint.clear()
