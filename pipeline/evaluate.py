@@ -13,8 +13,8 @@ train_summary.json. Writes, atomically:
 - reports/predictions/<name>.jsonl: every test prompt's generation and its edit distance
   (the report's paired bootstrap uses them).
 
-MLflow: a run of its own (the stage's start to end) nested under the run of `train@<variant>`,
-with the metrics and the predictions; the metrics are also copied onto the training run.
+MLflow: the metrics go onto the variant's run (opened by `train@<variant>`); this stage's own
+run, nested under it, spans the stage and holds its cost (eval_seconds) and the predictions.
 """
 
 from __future__ import annotations
@@ -127,14 +127,16 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         train_run = run_info.get("run_id")
         tracker = Tracker(params.tracking.enabled and train_run is not None, params.tracking.experiment,
                           run_info.get("uri"))
-        # A run of its own, nested under the training run: its start and end are this stage's.
+        # A run of its own, nested under the training run: this stage's start, end, cost and predictions...
         tracker.start(run_name=f"{name} evaluate", tags=standard_tags(name, "evaluate"), parent_run_id=train_run)
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
-        tracker.log_metrics({**numbers, "eval_seconds": peak.seconds})
+        tracker.log_metrics({"eval_seconds": peak.seconds, "eval_peak_memory_bytes": peak.bytes,
+                             "n_test": len(test_ex)})
         tracker.log_artifact(predictions_path(label), "predictions")
         tracker.end("FINISHED")
-        # ...and the variant's numbers on the training run too, so the runs table shows them next to its params.
-        tracker.log_metrics(numbers, run_id=train_run)
+        # ...and the variant's numbers on its training run (once: one bar per variant in the charts), so the
+        # runs table shows them next to its params.
+        tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None},
+                            run_id=train_run)
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

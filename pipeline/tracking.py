@@ -10,13 +10,11 @@ One MLflow run per stage, so that a run's start, end and duration are its stage'
 - `train@<v>` opens the variant's run (params, tags, per-step curves, training costs) and
   records its id in the adapter folder (a declared output); a resumed training continues it.
   A run whose training fails ends as FAILED.
-- `evaluate@<v>` opens a child run of it (tag `mlflow.parentRunId`, `stage=evaluate`) with the
-  quality metrics, the adapter and the predictions, then copies the quality metrics onto the
-  variant's run, so the runs table shows them next to its params.
+- `evaluate@<v>` logs the variant's metrics onto that run (so the runs table shows them next to
+  its params, and each chart has one bar per variant), and opens a child run of it (tag
+  `mlflow.parentRunId`, `stage=evaluate`) that spans the evaluation: its time and predictions.
 
-Each run starts when its stage's process started and ends when the stage is done. The
-experiment carries the tag `mlflow.experimentKind=custom_model_development`, so MLflow 3's UI
-opens it on its runs table ("Model training") instead of the GenAI traces view.
+Each run starts when its stage's process started and ends when the stage is done.
 
 Only `MlflowClient` is used (no fluent API): no process-wide active run, no exported
 MLFLOW_TRACKING_URI, no git/source context lookups; one client (one store connection) per
@@ -41,8 +39,6 @@ from pipeline.runtime import process_start_time, repo_root
 
 _DISABLED_REASON: str | None = None
 LOCK_RETRIES = 20
-# MLflow 3's UI opens an experiment in the GenAI (traces) view unless this tag says otherwise.
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 
@@ -105,18 +101,16 @@ class Tracker:
 
     @staticmethod
     def _experiment_id(client, name: str) -> str:
-        key, kind = EXPERIMENT_KIND
         found = client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                return client.create_experiment(name, artifact_location=artifact_root(), tags={key: kind})
-            except Exception:
-                found = client.get_experiment_by_name(name)  # a parallel stage created it first
-                if found is None:
-                    raise
-        if found.tags.get(key) != kind:  # a store from before this tag existed
-            client.set_experiment_tag(found.experiment_id, key, kind)
-        return found.experiment_id
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root())
+        except Exception:
+            found = client.get_experiment_by_name(name)  # a parallel stage created it first
+            if found is None:
+                raise
+            return found.experiment_id
 
     @property
     def active(self) -> bool:
