@@ -44,7 +44,14 @@ def release_free_memory() -> None:
     what model loading or LoftQ's SVDs freed before the measured section)."""
     import gc
 
+    import pipeline
+
     gc.collect()
+    if pipeline.STAGE_PROCESS:
+        # What survives (libraries, the model) lives until the stage ends: later collections
+        # need not walk it again (see pipeline/__init__.py).
+        gc.freeze()
+        gc.enable()
     try:
         import ctypes
 
