@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def stage_command(repo: Path, stage: str) -> str:
         if not key:
             raise SystemExit(f"{name} is a foreach stage: name one of its items, e.g. {name}@lora")
         entry = entry["do"]
-    return entry["cmd"].replace("${key}", key)
+    cmd = " ".join(entry["cmd"].split()).replace("${key}", key)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    return re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), cmd)  # e.g. focus's ${variant}
 
 
 def reported_compute(repo: Path, stage: str) -> float:

@@ -1,10 +1,13 @@
 """Stage `compare`: every variant's metrics -> the comparison report.
 
-Reads reports/metrics/*.json (every variant of params.yaml plus the `base` baseline),
-reports/predictions/*.jsonl, reports/curves/*.csv and reports/quantize.json; writes
-(atomically) reports/comparison.csv (validated by the ComparisonTable schema),
-reports/comparison.md and its Chinese twin reports/comparison.zh.md, and PNG plots in
-reports/plots/: loss curves overlaid, quality vs trainable parameters, quality vs peak
+    python -m pipeline.compare --metrics reports/metrics --predictions reports/predictions \
+        --curves reports/curves --quantize reports/quantize.json --csv reports/comparison.csv \
+        --md reports/comparison.md --md-zh reports/comparison.zh.md --plots reports/plots
+
+Reads <metrics>/<name>.json and <predictions>/<name>.jsonl (every variant of params.yaml plus
+the `base` baseline), <curves>/<variant>.csv and the quantize summary; writes (atomically) the
+comparison CSV (validated by the ComparisonTable schema), the markdown report and its Chinese
+twin, and PNG plots in the plots folder: loss curves overlaid, quality vs trainable parameters, quality vs peak
 memory. Labels, use cases and the selection guide are derived from the numbers
 (pipeline/report.py).
 """
@@ -22,32 +25,28 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report as R
-from pipeline.evaluate import BASELINE, metrics_path, predictions_path
 from pipeline.files import commit_outputs
 from pipeline.params import Params
-from pipeline.stage import start
 from pipeline.projection import project
 from pipeline.schemas import COMPARISON_COLUMNS, METRIC_COLUMNS, validate_comparison
+from pipeline.stage import start
 from pipeline.tracking import git_commit
-from pipeline.train import curve_path
 
-PLOTS = "reports/plots"
-CSV = "reports/comparison.csv"
-MD = {"en": "reports/comparison.md", "zh": "reports/comparison.zh.md"}
-QUANTIZE = "reports/quantize.json"
+BASELINE = "base"  # the base model's row: the name dvc.yaml's evaluate_base stage gives it
 TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
 
 
-def load_inputs(params: Params):
+def load_inputs(params: Params, args):
     names = list(params.variants) + [BASELINE]
     rows, preds, curves = {}, {}, {}
     for name in names:
-        rows[name] = json.loads(Path(metrics_path(name)).read_text())
-        with open(predictions_path(name), encoding="utf-8") as handle:
+        rows[name] = json.loads((Path(args.metrics) / f"{name}.json").read_text())
+        with open(Path(args.predictions) / f"{name}.jsonl", encoding="utf-8") as handle:
             preds[name] = [json.loads(line) for line in handle if line.strip()]
         if name != BASELINE:
-            curves[name] = pd.read_csv(curve_path(name))
-    quant = json.loads(Path(QUANTIZE).read_text()) if Path(QUANTIZE).exists() else None
+            curves[name] = pd.read_csv(Path(args.curves) / f"{name}.csv")
+    quantize = Path(args.quantize)
+    quant = json.loads(quantize.read_text()) if quantize.exists() else None
     return rows, preds, curves, quant
 
 
@@ -223,8 +222,8 @@ S = {
                        "approximation for any alpha; PEFT's loftq_init does not divide and is exact only when "
                        "alpha = r (peft#1982)."),
         "note_adalora": ("AdaLoRA follows PEFT's RankAllocator exactly (budget floored, masking after tinit, forced "
-                         "at T − tfinal, unsquared orthogonality norms); unlike PEFT 0.21.2, whose `ranknum` "
-                         "stays trainable after get_peft_model, ranknum is the constant init_r as in the paper."),
+                         "at T − tfinal, unsquared orthogonality norms); ranknum is the constant init_r, as in the paper "
+                         "and in PEFT 0.21.2 (a frozen parameter there)."),
         "notes": [
             "Every method is this project's own implementation (`variants/`); LoRA, rsLoRA, DoRA, VeRA, LoRA-FA and "
             "LoRA+ match PEFT 0.21.2 numerically (tests/test_parity_peft.py, tests/test_methods.py).",
@@ -285,7 +284,7 @@ S = {
         "note_loftq": ("LoftQ 把 SVD 因子除以缩放系数 s，因此对任意 alpha，deq(Q) + s·BA 都是预期的近似；PEFT 的 loftq_init "
                        "不做除法，只有 alpha = r 时才精确（peft#1982）。"),
         "note_adalora": ("AdaLoRA 完全按照 PEFT 的 RankAllocator（预算取整、tinit 之后才剪枝、在 T − tfinal 强制剪枝、正交项范数不平方）；"
-                         "PEFT 0.21.2 在 get_peft_model 之后 `ranknum` 仍可训练，这里按论文保持为常数 init_r。"),
+                         "ranknum 为常数 init_r，与论文及 PEFT 0.21.2（其中为冻结参数）一致。"),
         "notes": [
             "所有方法都是本项目自己的实现（`variants/`）；LoRA、rsLoRA、DoRA、VeRA、LoRA-FA、LoRA+ 与 PEFT 0.21.2 数值一致"
             "（tests/test_parity_peft.py、tests/test_methods.py）。",
@@ -460,10 +459,14 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    _, params = start("compare", __doc__, argv)
+    args, params = start("compare", __doc__, argv,
+                         inputs={"--metrics": "the folder of metrics rows", "--predictions": "the folder of predictions",
+                                 "--curves": "the folder of training curves", "--quantize": "the quantize summary"},
+                         outputs={"--csv": "the comparison table", "--md": "the report", "--md-zh": "the Chinese report",
+                                  "--plots": "the plots folder"})
     if params is None:
         return 1
-    rows, preds, curves, quant = load_inputs(params)
+    rows, preds, curves, quant = load_inputs(params, args)
     g2p = params.data.source == "cmudict"
     table, derived = build_table(params, rows, preds, g2p)
     projs = projections(params, quant)
@@ -472,10 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.StringIO()
     table.to_csv(buf, index=False)
     # everything is rendered before anything is replaced: a failure keeps the previous report
-    files = {CSV: buf.getvalue(), **{path: render(lang, params, rows, table, derived, projs, quant, g2p, device)
-                                     for lang, path in MD.items()}}
-    commit_outputs(files, {PLOTS: lambda tmp: make_plots(tmp, rows, curves, g2p)})
-    print(f"compare: wrote {CSV}, {MD['en']}, {MD['zh']} and {PLOTS}/ for {len(params.variants)} variants", flush=True)
+    md = {"en": args.md, "zh": args.md_zh}
+    files = {args.csv: buf.getvalue(), **{path: render(lang, params, rows, table, derived, projs, quant, g2p, device)
+                                          for lang, path in md.items()}}
+    commit_outputs(files, {args.plots: lambda tmp: make_plots(tmp, rows, curves, g2p)})
+    print(f"compare: wrote {args.csv}, {args.md}, {args.md_zh} and {args.plots}/ for {len(params.variants)} variants", flush=True)
     return 0
 
 

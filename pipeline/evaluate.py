@@ -1,7 +1,9 @@
 """Stage `evaluate@<variant>` (and `evaluate_base`): quality and cost of one trained variant.
 
-    python -m pipeline.evaluate <variant>      # models/adapters/<variant> on models/base
-    python -m pipeline.evaluate --baseline     # the untouched base model: the baseline row
+    python -m pipeline.evaluate <variant> --adapter models/adapters/<variant> --data data/prepared \
+        --base models/base --metrics reports/metrics/<variant>.json --predictions reports/predictions/<variant>.jsonl
+    python -m pipeline.evaluate base --data ... --base ... --metrics ... --predictions ...   # no --adapter:
+                                                  # the untouched base model, the baseline row named `base`
 
 On the test split: eval loss on response tokens only, and greedy generations scored by
 exact match and — for the G2P task — phoneme error rate (edit distance over phonemes /
@@ -9,8 +11,8 @@ reference length). The costs measured in training (trainable params, adapter byt
 base-weight bytes, peak memory, wall time, tokens/s) come from the adapter folder's
 train_summary.json. Writes, atomically:
 
-- reports/metrics/<name>.json: one flat row (validated by the VariantMetrics schema);
-- reports/predictions/<name>.jsonl: every test prompt's generation and its edit distance
+- the metrics (--metrics): one flat row (validated by the VariantMetrics schema);
+- the predictions (--predictions): every test prompt's generation and its edit distance
   (the report's paired bootstrap uses them).
 
 MLflow: the metrics go onto the variant's run (opened by `train@<variant>`); this stage's own
@@ -19,10 +21,11 @@ run, nested under it, spans the stage and holds its cost (eval_seconds) and the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+import pandas as pd
 
 import variants
 from pipeline.errors import DataError
@@ -30,47 +33,50 @@ from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
 from pipeline.lm import encode_records, generate, mean_response_loss
 from pipeline.metrics import edit_distance, exact_match, normalize_generation, phoneme_error_rate
-from pipeline.params import ParamsError, load_params
-from pipeline.prepare import read_split
+from pipeline.params import ParamsError
 from pipeline.runtime import PeakMemory, Progress, configure_cpu, pick_device, seed_everything
+from pipeline.schemas import METRIC_COLUMNS, validate_metrics
+from pipeline.splits import read_split
+from pipeline.stage import start
 from pipeline.tracking import Tracker, standard_tags
-from pipeline.train import BASE, adapter_dir
-
-BASELINE = "base"
-
-
-def metrics_path(name: str) -> str:
-    return f"reports/metrics/{name}.json"
-
-
-def predictions_path(name: str) -> str:
-    return f"reports/predictions/{name}.jsonl"
 
 
 def base_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def run(name: str | None, params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
-    if name is not None:
-        params.get_variant(name)
-    label = name or BASELINE
+def parse(argv: list[str] | None = None):
+    """(arguments, params as the stage may read them); params is None after a printed error."""
+    return start("evaluate", __doc__, argv,
+                 # a variant is stage evaluate@<name>; the base model alone is stage evaluate_base
+                 stage=lambda a: f"evaluate@{a.name}" if a.adapter else "evaluate_base",
+                 positional=(("name", {"help": "the row's name: the variant, or `base` for the base model"}),),
+                 inputs={"--data": "the prepared data folder", "--base": "the base model folder"},
+                 outputs={"--metrics": "the metrics row (JSON)", "--predictions": "the predictions (JSON lines)"},
+                 options=(("--adapter", {"metavar": "PATH", "help": "(read) the adapter folder; without it the "
+                                                                     "base model is evaluated"}),))
+
+
+def run(args, params) -> dict:
+    name = args.name if args.adapter else None  # None: the base model alone
+    label = args.name
+    adapter = Path(args.adapter) if args.adapter else None
+    if adapter is not None and not (adapter / "train_summary.json").is_file():
+        raise DataError(f"no trained adapter in {adapter} (train_summary.json is missing)")
     configure_cpu()
     seed_everything(params.seed)
     device = pick_device(params.train.device)
-    model, tokenizer = load_base(BASE, params.model.dtype, params.model.trust_remote_code)
+    model, tokenizer = load_base(args.base, params.model.dtype, params.model.trust_remote_code)
     summary = None
     if name is not None:
-        folder = Path(adapter_dir(name))
-        adapted = variants.load(model, folder)
-        summary = json.loads((folder / "train_summary.json").read_text())
+        adapted = variants.load(model, adapter)
+        summary = json.loads((adapter / "train_summary.json").read_text())
         # An exact merge makes generation cost what the base model costs.
         if all(getattr(p, "merge_is_exact", True) for p in adapted.parts):
             adapted.merge()
     model.to(device).eval()
 
-    test_records = read_split("test")
+    test_records = read_split(args.data, "test")
     test_ex = encode_records(tokenizer, test_records, params.data.max_length)
     ev = params.eval
     with PeakMemory(device, resident=model) as peak:
@@ -102,10 +108,6 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         "steps": summary["steps"] if summary else 0,
         "optimizer": summary["optimizer"] if summary else "none",
     }
-    import pandas as pd  # here, not at the top: `focus` and `compare` import this module for its paths
-
-    from pipeline.schemas import METRIC_COLUMNS, validate_metrics
-
     validate_metrics(pd.DataFrame([row], columns=list(METRIC_COLUMNS)))
     extra = {"label": summary["label"] if summary else "base model", "eval_seconds": peak.seconds,
              "n_test": len(test_ex), "task": "g2p" if g2p else params.data.source,
@@ -119,11 +121,11 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         lines.append(json.dumps({"id": rec["id"], "prediction": pred, "reference": ref,
                                  "edits": edit_distance(pred.split(), ref.split()), "ref_len": len(ref.split()),
                                  "exact": pred == ref}, ensure_ascii=False))
-    commit_outputs({predictions_path(label): "\n".join(lines) + "\n",
-                    metrics_path(label): json.dumps({**row, **extra}, indent=2, sort_keys=True, allow_nan=False) + "\n"})
+    commit_outputs({args.predictions: "\n".join(lines) + "\n",
+                    args.metrics: json.dumps({**row, **extra}, indent=2, sort_keys=True, allow_nan=False) + "\n"})
 
     if name is not None:
-        run_info = json.loads((Path(adapter_dir(name)) / "mlflow.json").read_text())
+        run_info = json.loads((adapter / "mlflow.json").read_text())
         train_run = run_info.get("run_id")
         tracker = Tracker(params.tracking.enabled and train_run is not None, params.tracking.experiment,
                           run_info.get("uri"))
@@ -131,7 +133,7 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
         tracker.start(run_name=f"{name} evaluate", tags=standard_tags(name, "evaluate"), parent_run_id=train_run)
         tracker.log_metrics({"eval_seconds": peak.seconds, "eval_peak_memory_bytes": peak.bytes,
                              "n_test": len(test_ex)})
-        tracker.log_artifact(predictions_path(label), "predictions")
+        tracker.log_artifact(args.predictions, "predictions")
         tracker.end("FINISHED")
         # ...and the variant's numbers on its training run (once: one bar per variant in the charts), so the
         # runs table shows them next to its params.
@@ -144,15 +146,11 @@ def run(name: str | None, params_path: str = "params.yaml") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variant", nargs="?")
-    parser.add_argument("--baseline", action="store_true", help="evaluate the base model without adapter")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    if bool(args.variant) == args.baseline:
-        parser.error("give a variant name or --baseline (not both)")
+    args, params = parse(argv)
+    if params is None:
+        return 1
     try:
-        run(None if args.baseline else args.variant, args.params)
+        run(args, params)
     except (ParamsError, DataError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 1

@@ -3,17 +3,24 @@
 A crash, a kill or an exception while writing leaves the previous output exactly as it was
 (or no output at all), never a half-written file that a later stage would take as finished
 (DVC's rule: outputs are rewritten whole).
+
+A run killed mid-write (SIGKILL, power loss) cannot clean up after itself: its staging files
+(`.<name>.tmp-*`) and a replaced folder on its way out (`.<name>.old-*`) stay beside the
+output. Git and DVC ignore those names (.gitignore, .dvcignore), so they never show as
+untracked files nor change a folder dependency's hash, and `remove_leftovers` deletes them
+when a stage starts that writes the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from variants.io import staged_folder, staging_folder, swap_folder
 
@@ -42,6 +49,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+LEFTOVER_PATTERNS = (".{name}.tmp-*", ".{name}.old-*")  # what tempfile.mkstemp/mkdtemp make below
+
+
+def remove_leftovers(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete what killed runs left beside each target; returns the paths removed.
+
+    A folder swap killed after moving the previous version aside but before the new one
+    was in place leaves `.<name>.old-*/previous` and no target: that previous version is put
+    back, so the output is as the last finished run left it.
+    """
+    removed = []
+    for target in map(Path, targets):
+        if not target.parent.is_dir():
+            continue
+        for pattern in LEFTOVER_PATTERNS:
+            for leftover in sorted(target.parent.glob(pattern.format(name=glob.escape(target.name)))):
+                previous = leftover / "previous"
+                if ".old-" in leftover.name and not target.exists() and previous.exists():
+                    os.replace(previous, target)
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        leftover.unlink()
+                removed.append(leftover)
+    return removed
 
 
 # Yield an empty temporary folder; on success it replaces the path in one rename.

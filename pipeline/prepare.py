@@ -1,5 +1,7 @@
 """Stage `prepare`: raw data -> data/prepared/{train,validation,test}.jsonl.
 
+    python -m pipeline.prepare --out data/prepared
+
 Sources (params `data.source`): the CMU Pronouncing Dictionary (default G2P task, split by
 word), a user JSONL file of prompt/response pairs, or a Hugging Face dataset. The three
 splits are validated together by the `PreparedData` pandera schema (non-empty prompt and
@@ -12,27 +14,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING
+
+import pandas as pd
 
 from pipeline import g2p
 from pipeline.errors import DataError
 from pipeline.files import atomic_folder
-from pipeline.params import Params
+from pipeline.schemas import validate_prepared
+from pipeline.splits import split_file
 from pipeline.stage import start
 
-if TYPE_CHECKING:  # pandas and pandera load only where this stage builds its table, not in the
-    import pandas as pd  # later stages that import read_split (~0.4 s each)
 
-
-def validate_prepared(frame: pd.DataFrame) -> pd.DataFrame:
-    from pipeline.schemas import validate_prepared as validate
-
-    return validate(frame)
-
-OUT = "data/prepared"
-
-
-def build_splits(params: Params) -> dict[str, list[dict]]:
+def build_splits(params) -> dict[str, list[dict]]:
     data = params.data
     sizes = {"train": data.n_train, "validation": data.n_validation, "test": data.n_test}
     if data.source == "cmudict":
@@ -46,24 +39,22 @@ def build_splits(params: Params) -> dict[str, list[dict]]:
 
 
 def to_frame(splits: dict[str, list[dict]]) -> pd.DataFrame:
-    import pandas as pd
-
     rows = [{**rec, "split": split} for split, records in splits.items() for rec in records]
     frame = pd.DataFrame(rows)
     columns = ["id", "prompt", "response", "split"] + (["word"] if "word" in frame.columns else [])
     return frame[columns]
 
 
-def write(frame: pd.DataFrame, out: str = OUT) -> None:
+def write(frame: pd.DataFrame, out: str) -> None:
     with atomic_folder(out) as tmp:
         for split in g2p.SPLITS:
             part = frame[frame["split"] == split].drop(columns=["split"])
             lines = [json.dumps(row, ensure_ascii=False) for row in part.to_dict(orient="records")]
-            (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            split_file(tmp, split).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _, params = start("prepare", __doc__, argv)
+    args, params = start("prepare", __doc__, argv, outputs={"--out": "the prepared data folder"})
     if params is None:
         return 1
     try:
@@ -71,16 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, ImportError) as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 1
-    write(frame)
+    write(frame, args.out)
     counts = frame["split"].value_counts().to_dict()
-    print(f"prepare: wrote {OUT}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in g2p.SPLITS))
+    print(f"prepare: wrote {args.out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in g2p.SPLITS))
     return 0
-
-
-def read_split(split: str, folder: str = OUT) -> list[dict]:
-    """The records of one prepared split (for the later stages)."""
-    with open(f"{folder}/{split}.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 if __name__ == "__main__":

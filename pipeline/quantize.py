@@ -1,5 +1,8 @@
 """Stage `quantize`: the base model's linear layers in 4-bit (NF4 + double quantization).
 
+    python -m pipeline.quantize --base models/base --out models/quantized \
+        --metrics reports/quantize.json --layers reports/quantize_layers.csv
+
 Quantizes every linear layer that "all-linear" adapts (the output head stays as is, as in
 QLoRA) once, with bitsandbytes, and writes atomically:
 
@@ -22,24 +25,21 @@ from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
 from pipeline.stage import start
 from pipeline.runtime import Progress, configure_cpu
-from pipeline.train import BASE
 from variants.quant import (bits_per_parameter, dequantize_weight, quantize_weight, quantized_bytes, save_quantized,
                             state_bytes)
 from variants.spec import ALL_LINEAR
 from variants.targets import find_targets
 
-OUT = "models/quantized"
-METRICS = "reports/quantize.json"
-LAYERS = "reports/quantize_layers.csv"
-
 
 def main(argv: list[str] | None = None) -> int:
-    _, params = start("quantize", __doc__, argv)
+    args, params = start("quantize", __doc__, argv, inputs={"--base": "the base model folder"},
+                         outputs={"--out": "the quantized weights folder", "--metrics": "the summary (DVC metrics)",
+                                  "--layers": "the per-layer CSV"})
     if params is None:
         return 1
     q = params.quantize
     configure_cpu()
-    model, _ = load_base(BASE, "float32", params.model.trust_remote_code)
+    model, _ = load_base(args.base, "float32", params.model.trust_remote_code)
     targets = find_targets(model, (ALL_LINEAR,))
     quantized: dict = {}
     rows = []
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    commit_outputs({LAYERS: buf.getvalue(), METRICS: json.dumps(metrics, indent=2, sort_keys=True) + "\n"},
-                   {OUT: write_weights})
+    commit_outputs({args.layers: buf.getvalue(), args.metrics: json.dumps(metrics, indent=2, sort_keys=True) + "\n"},
+                   {args.out: write_weights})
     print(f"quantize: {len(rows)} layers, {all_bytes / 2**20:.0f} MiB fp32 -> {(layer_bytes + other_bytes) / 2**20:.0f} MiB "
           f"({metrics['bits_per_param_measured']:.3f} bits/param in quantized layers), "
           f"relative error mean {metrics['relative_error_mean']:.4f}", flush=True)

@@ -1,25 +1,30 @@
 """Stage `train@<variant>`: fine-tune the base model with one variant, under the shared budget.
 
-    python -m pipeline.train <variant>
+    python -m pipeline.train <variant> --data data/prepared --base models/base --quantized models/quantized \
+        --adapter models/adapters/<variant> --curve reports/curves/<variant>.csv \
+        --checkpoints models/checkpoints/<variant>
 
-Reads params (`seed`, `train`, `data`, `variants.<variant>`), data/prepared and
-models/base; builds the variant's adapter (`variants.build`), trains it with the library's
-reference loop (every part's hooks, response-only loss) and writes, atomically:
+Reads params (those dvc.yaml declares for `train@<variant>`), the prepared data and the base
+model (and the 4-bit base for QLoRA/LoftQ); builds the variant's adapter (`variants.build`),
+trains it with the library's reference loop (every part's hooks, response-only loss) and
+writes, atomically:
 
-- models/adapters/<variant>/: the adapter (adapter_config.json + adapter.safetensors),
+- the adapter folder (--adapter): the adapter (adapter_config.json + adapter.safetensors),
   train_summary.json (trainable params, peak memory, wall time, tokens/s, ...) and
   mlflow.json (the MLflow run that `evaluate@<variant>` completes);
-- reports/curves/<variant>.csv: per-step loss, learning rate, gradient norm, and the
+- the curve (--curve): per-step loss, learning rate, gradient norm, and the
   validation loss every `train.eval_interval` steps.
 
-Progress (loss, s/step, ETA) is printed every step. A non-finite loss or gradient stops
+Checkpoints (every `train.checkpoint_interval` steps) go to --checkpoints, a scratch folder
+that is neither a DVC output nor tracked by git: they serve only to resume a killed run, so
+the stage stays restorable from DVC's run-cache. Progress (loss, s/step, ETA) is printed
+every step. A non-finite loss or gradient stops
 the run at once with an error naming the variant and step; the MLflow run then ends as
 FAILED and no adapter is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -35,53 +40,52 @@ from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
 from pipeline.lm import encode_records, mean_response_loss, response_loss, training_batches
-from pipeline.params import ParamsError, load_params
-from pipeline.prepare import read_split
+from pipeline.params import ParamsError
 from pipeline.runtime import PeakMemory, Progress, configure_cpu, format_seconds, pick_device, seed_everything
+from pipeline.splits import read_split
+from pipeline.stage import start
 from pipeline.tracking import Tracker, standard_tags
 from variants.quant import load_quantized
 
-BASE = "models/base"
-QUANTIZED = "models/quantized"
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
 
 
-def adapter_dir(name: str) -> str:
-    return f"models/adapters/{name}"
-
-
-def checkpoint_dir(name: str) -> str:
-    return f"models/checkpoints/{name}"
-
-
-def run_fingerprint(params, vcfg) -> str:
-    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base."""
+def run_fingerprint(params, vcfg, data: str, base: str, quantized: str) -> str:
+    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base, dtype."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"spec": vcfg.spec.to_dict(), "lr": vcfg.learning_rate(params.train),
-                              "train": vars(params.train), "seed": params.seed,
+                              "train": vars(params.train), "seed": params.seed, "dtype": params.model.dtype,
                               "max_length": params.data.max_length}, sort_keys=True, default=str).encode())
-    for path in sorted(Path("data/prepared").glob("*.jsonl")) + [Path(BASE) / "summary.json"]:
+    bases = [Path(base) / "summary.json"] + ([Path(quantized) / "summary.json"] if vcfg.spec.base != "full" else [])
+    for path in sorted(Path(data).glob("*.jsonl")) + bases:
         if path.exists():
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def curve_path(name: str) -> str:
-    return f"reports/curves/{name}.csv"
+def parse(argv: list[str] | None = None):
+    """(arguments, params as `train@<variant>` may read them); params is None after a printed error."""
+    return start("train", __doc__, argv, stage=lambda a: f"train@{a.variant}",
+                 positional=(("variant", {"help": "the variants.<name> entry of params.yaml"}),),
+                 inputs={"--data": "the prepared data folder", "--base": "the base model folder",
+                         "--quantized": "the 4-bit base folder (QLoRA, LoftQ)"},
+                 outputs={"--adapter": "the adapter folder", "--curve": "the per-step curve (CSV)"},
+                 options=(("--checkpoints", {"required": True, "metavar": "PATH",
+                                             "help": "scratch folder for resumable checkpoints (not an output)"}),))
 
 
-def run(name: str, params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
+def run(args, params) -> dict:
+    name = args.variant
     vcfg = params.get_variant(name)
     train_cfg = params.train
     configure_cpu()
     seed_everything(params.seed)
     device = pick_device(train_cfg.device)
 
-    model, tokenizer = load_base(BASE, params.model.dtype, params.model.trust_remote_code)
-    train_ex = encode_records(tokenizer, read_split("train"), params.data.max_length)
-    val_ex = encode_records(tokenizer, read_split("validation"), params.data.max_length)
-    adapted = variants.build(model, vcfg.spec, quantized=load_quantized(QUANTIZED) if vcfg.spec.base != "full" else None)
+    model, tokenizer = load_base(args.base, params.model.dtype, params.model.trust_remote_code)
+    train_ex = encode_records(tokenizer, read_split(args.data, "train"), params.data.max_length)
+    val_ex = encode_records(tokenizer, read_split(args.data, "validation"), params.data.max_length)
+    adapted = variants.build(model, vcfg.spec, quantized=load_quantized(args.quantized) if vcfg.spec.base != "full" else None)
     model.to(device)
     trainable, total = adapted.parameter_counts()
     print(f"[{name}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
@@ -99,8 +103,8 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
     previous = None
     if train_cfg.checkpoint_interval:
         # The checkpoint also carries the curve so far and the MLflow run to continue.
-        checkpoint = variants.Checkpointer(checkpoint_dir(name), train_cfg.checkpoint_interval,
-                                           run_fingerprint(params, vcfg),
+        checkpoint = variants.Checkpointer(args.checkpoints, train_cfg.checkpoint_interval,
+                                           run_fingerprint(params, vcfg, args.data, args.base, args.quantized),
                                            get_extra=lambda: {"rows": rows, "run_id": tracker.run_id})
         previous = checkpoint.load()
         if previous is not None:
@@ -166,7 +170,7 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     def write_adapter(tmp: Path) -> None:
-        variants.save(adapted, tmp, metadata={"variant": name, "base": BASE})
+        variants.save(adapted, tmp, metadata={"variant": name, "base": args.base})
         summary["adapter_bytes"] = variants.file_bytes(tmp)
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         (tmp / "mlflow.json").write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}, indent=2))
@@ -175,28 +179,26 @@ def run(name: str, params_path: str = "params.yaml") -> dict:
     writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    commit_outputs({curve_path(name): buf.getvalue()}, {adapter_dir(name): write_adapter})
+    commit_outputs({args.curve: buf.getvalue()}, {args.adapter: write_adapter})
     tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
     tracker.log_metrics({"train_seconds": step_seconds, "train_wall_seconds": wall,
                          "tokens_per_second": summary["tokens_per_second"], "peak_memory_bytes": peak.bytes,
                          "trainable_params": trainable, "adapter_bytes": summary["adapter_bytes"]})
-    tracker.log_artifacts(adapter_dir(name), "adapter")
+    tracker.log_artifacts(args.adapter, "adapter")
     tracker.end("FINISHED")
     if checkpoint is not None:
         checkpoint.clear()
-    Path(checkpoint_dir(name)).mkdir(parents=True, exist_ok=True)  # the (persistent) out must exist
     print(f"[{name}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variant")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+    args, params = parse(argv)
+    if params is None:
+        return 1
     try:
-        run(args.variant, args.params)
+        run(args, params)
     except (ParamsError, DataError, variants.NonFiniteLossError) as err:
         print(f"train@{args.variant}: {err}", file=sys.stderr)
         return 1

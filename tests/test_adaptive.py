@@ -97,7 +97,7 @@ def test_adalora_budget_and_masks_follow_peft_step_by_step():
         assert ours.extra_loss(step) is None
         _fp64_loss(ours.model, ids).backward()
         opt_a.step()
-        ours.after_optimizer_step(step)
+        ours.after_optimizer_step(step, opt_a)
         opt_a.zero_grad()
         _fp64_loss(theirs, ids).backward()
         opt_b.step()
@@ -149,7 +149,7 @@ def test_adalora_rank_pattern_is_saved_with_the_adapter(tmp_path):
 
 @pytest.mark.parametrize("values, fragment", [
     ({"preset": "adalora"}, "layer=adalora needs total_step"),
-    ({"preset": "adalora", "total_step": 10, "r": 4, "target_r": 8}, "target_r (8) must not exceed the initial rank r (4)"),
+    ({"preset": "adalora", "total_step": 10, "r": 4, "target_r": 8}, "target_r (8) must be smaller than the initial rank r (4)"),
     ({"preset": "adalora", "total_step": 10, "tinit": 6, "tfinal": 4}, "tinit (6) must be smaller than total_step - tfinal"),
     ({"preset": "adalora", "total_step": 0}, "option 'total_step' must be >= 1, got 0"),
     ({"preset": "sora", "sora_xi": -0.1}, "option 'sora_xi' must be >= 0, got -0.1"),
@@ -167,7 +167,6 @@ def test_sora_gate_has_its_own_proximal_step():
     adapted = variants.build(model, {"preset": "sora", "r": 4, "sora_xi": 0.3, "sora_l1": 0.0,
                                      "target_modules": "q_proj"})
     opt = adapted.optimizer(lr=0.1)
-    adapted.optimizer_in_use = opt
     gates = [layer.gate for layer in adapted.layers.values()]
     assert not any(p is g for group in opt.param_groups for p in group["params"] for g in gates)
     ids = token_batch(2, 8)
@@ -178,7 +177,7 @@ def test_sora_gate_has_its_own_proximal_step():
     layer = next(iter(adapted.layers.values()))
     g0, grad = layer.gate.detach().clone(), layer.gate.grad.clone()
     opt.step()
-    adapted.after_optimizer_step(0)
+    adapted.after_optimizer_step(0, opt)
     # one AdamW step (bias-corrected: m̂ / sqrt(v̂) = sign(grad)), then soft-threshold by ξ
     stepped = g0 - 0.1 * grad / (grad.abs() + 1e-8)
     expected = torch.sign(stepped) * torch.clamp(stepped.abs() - 0.3, min=0)

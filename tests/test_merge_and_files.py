@@ -90,9 +90,9 @@ def test_save_then_load_on_a_fresh_base_reproduces_the_logits(name, tmp_path):
         for step in range(3):
             adapted.model(input_ids=ids, labels=ids).loss.backward()
             opt = adapted.optimizer(1e-2) if step == 0 else opt
-            adapted.before_optimizer_step(step)
+            adapted.before_optimizer_step(step, opt)
             opt.step()
-            adapted.after_optimizer_step(step)
+            adapted.after_optimizer_step(step, opt)
             opt.zero_grad()
     ids = token_batch(2, 8)
     with torch.no_grad():

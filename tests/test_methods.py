@@ -138,7 +138,7 @@ def test_lora_fa_step_equals_peft_lorafa_optimizer_in_fp64(weight_decay):
     assert all(not layer.lora_A.requires_grad for layer in adapted.layers.values())
     randomize_adapter(adapted)
     twin = peft_twin(adapted, base)
-    ours = adapted.optimizer(lr=1e-2, weight_decay=weight_decay, eps=1e-6)
+    ours = adapted.optimizer(lr=1e-2, weight_decay=weight_decay)  # eps: PEFT's 1e-6 by default
     theirs = create_lorafa_optimizer(twin, r=4, lora_alpha=8, lr=1e-2, weight_decay=weight_decay)
     assert isinstance(ours, LoRAFAAdamW)
     ids = token_batch(2, 8)
@@ -179,13 +179,13 @@ def test_delta_lora_weight_update_telescopes(start_step):
     factors_at = {}
     for step in range(6):
         model(input_ids=ids, labels=ids).loss.backward()
-        adapted.before_optimizer_step(step)
-        if step == start_step:
+        adapted.before_optimizer_step(step, opt)
+        if step == start_step + 1:  # Algorithm 1: W moves after steps t > K
             factors_at["K"] = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in adapted.layers.items()}
         opt.step()
-        adapted.after_optimizer_step(step)
+        adapted.after_optimizer_step(step, opt)
         opt.zero_grad()
-        if step < start_step:  # W untouched before the start step
+        if step <= start_step:  # W untouched up to and including step K
             assert all(torch.equal(l.base_weight(), w0[n]) for n, l in adapted.layers.items())
     s, lam = adapted.spec.scale, 2.0
     for n, layer in adapted.layers.items():

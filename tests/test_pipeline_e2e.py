@@ -101,6 +101,63 @@ def test_second_repro_does_nothing(repo):
     assert _run(["git", "status", "--porcelain"], repo["path"]).stdout == ""  # nothing undeclared was written
 
 
+def test_no_stage_warns_about_an_empty_output(repo):
+    assert "is empty" not in repo["first"]  # (the checkpoints used to be an out, empty after every run)
+
+
+def _status(path) -> dict:
+    return json.loads(_run(["dvc", "status", "--json"], path).stdout or "{}")
+
+
+def test_a_dtype_change_reaches_every_stage_that_reads_the_dtype(repo):
+    path = repo["path"]
+    params = path / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("dtype: float32", "dtype: bfloat16"))
+        changed = set(_status(path))  # everything was up to date before
+    finally:
+        params.write_text(original)
+    assert changed == {"base", "evaluate_base"} | {f"{s}@{v}" for s in ("train", "evaluate")
+                                                   for v in ("lora", "dora", "vera")}, changed
+    assert _status(path) == {}
+
+
+def test_staging_leftovers_and_checkpoints_change_nothing_for_git_or_dvc(repo):
+    path = repo["path"]
+    planted = [path / p for p in ("reports/curves/.lora.csv.tmp-k1ll3d", "reports/metrics/.lora.json.tmp-k1ll3d",
+                                  "models/adapters/.lora.old-k1ll3d/previous/adapter.safetensors",
+                                  "models/checkpoints/lora/current/state.json")]
+    for leftover in planted:
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_text("left by a killed run")
+    try:
+        assert _status(path) == {}  # reports/curves and reports/metrics are compare's deps: hashes unchanged
+        assert _run(["git", "status", "--porcelain"], path).stdout == ""
+    finally:
+        for folder in ("models/adapters/.lora.old-k1ll3d", "models/checkpoints"):
+            shutil.rmtree(path / folder, ignore_errors=True)
+        for leftover in planted[:2]:
+            leftover.unlink()
+
+
+def test_a_train_stage_is_restored_from_the_run_cache(repo):
+    path = repo["path"]
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    entry = lock["stages"].pop("train@lora")
+    (path / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    shutil.rmtree(path / "models/adapters/lora")
+    (path / "reports/curves/lora.csv").unlink()
+    out = _run(["dvc", "repro"], path)
+    text = out.stdout + out.stderr
+    assert "Stage 'train@lora' is cached - skipping run, checking out outputs" in text, text
+    assert "Running stage" not in text, text
+    assert (path / "models/adapters/lora/adapter.safetensors").is_file()
+    assert yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train@lora"] == entry  # as it was
+    _run(["git", "checkout", "dvc.lock"], path)  # (DVC wrote the entry back at the end of the file)
+    assert _run(["git", "status", "--porcelain"], path).stdout == ""
+
+
 def test_mlflow_holds_one_finished_run_per_variant(repo):
     import mlflow
 

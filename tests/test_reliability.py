@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from stage_cmds import stage_argv
 from tiny_assets import save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def workspace(tmp_path_factory):
     try:
         from pipeline import prepare
 
-        assert prepare.main([]) == 0
+        assert prepare.main(stage_argv("prepare")) == 0
     finally:
         os.chdir(cwd)
     return root
@@ -170,10 +171,13 @@ def test_malformed_params_fail_before_any_work_with_key_and_value(tmp_path, monk
             if hasattr(module, attr):
                 monkeypatch.setattr(module, attr, no_model)
     monkeypatch.chdir(tmp_path)
-    mains = {"prepare": lambda a: prepare.main(a), "base": lambda a: base.main(a),
-             "quantize": lambda a: quantize.main(a), "train": lambda a: train.main(["lora", *a]),
-             "evaluate": lambda a: evaluate.main(["lora", *a]), "compare": lambda a: compare.main(a),
-             "focus": lambda a: focus.main(a)}
+    mains = {"prepare": lambda a: prepare.main(stage_argv("prepare", *a)),
+             "base": lambda a: base.main(stage_argv("base", *a)),
+             "quantize": lambda a: quantize.main(stage_argv("quantize", *a)),
+             "train": lambda a: train.main(stage_argv("train@lora", *a)),
+             "evaluate": lambda a: evaluate.main(stage_argv("evaluate@lora", *a)),
+             "compare": lambda a: compare.main(stage_argv("compare", *a)),
+             "focus": lambda a: focus.main(stage_argv("focus", *a))}
     for label, params, fragment in cases:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -217,12 +221,12 @@ def test_bad_user_data_fails_prepare_and_keeps_previous_output(case, tmp_path, m
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "user.jsonl").write_bytes(_lines(GOOD))
-    assert prepare.main([]) == 0
+    assert prepare.main(stage_argv("prepare")) == 0
     before = _snapshot(tmp_path / "data")
     content, fragment = BAD_DATA[case]
     (tmp_path / "user.jsonl").write_bytes(content)
     capsys.readouterr()
-    assert prepare.main([]) == 1
+    assert prepare.main(stage_argv("prepare")) == 1
     err = capsys.readouterr().err
     assert fragment in err, err
     if case in ("empty response", "duplicate ids"):
@@ -249,7 +253,7 @@ def test_nan_loss_stops_at_once_and_fails_the_mlflow_run(workspace, monkeypatch)
     monkeypatch.setattr(train, "response_loss", poisoned)
     monkeypatch.chdir(workspace)
     with pytest.raises(variants.NonFiniteLossError, match=r"lora: loss is nan at step 2"):
-        train.run("lora")
+        train.run(*train.parse(stage_argv("train@lora")))
     assert not (workspace / "models/adapters/lora").exists()
     assert not (workspace / "reports/curves/lora.csv").exists()
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -260,7 +264,8 @@ def test_nan_loss_stops_at_once_and_fails_the_mlflow_run(workspace, monkeypatch)
 # ----- 4. resume after SIGKILL ---------------------------------------------------------------------
 def _train_subprocess(workspace, variant, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", variant], cwd=workspace, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *stage_argv(f"train@{variant}")],
+                            cwd=workspace, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -336,6 +341,56 @@ def test_an_exception_while_writing_keeps_previous_outputs(tmp_path, monkeypatch
     assert _snapshot(tmp_path) == before
 
 
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if re.match(r"\..+\.(tmp|old)-", p.name))
+
+
+def test_staging_files_of_a_killed_stage_are_removed_when_it_next_starts(workspace, monkeypatch):
+    """What a SIGKILL mid-write leaves: a staged file, a staged folder, a folder swap cut in half
+    (the previous adapter moved aside, the new one not yet in place), and the checkpoint's own."""
+    from pipeline import train
+
+    monkeypatch.chdir(workspace)
+    planted = {
+        "reports/curves/.lora.csv.tmp-k1ll3d": b"step,loss\n1,",
+        "models/adapters/.lora.tmp-k1ll3d/adapter.safetensors": b"half",
+        "models/adapters/.lora.old-k1ll3d/previous/adapter.safetensors": b"previous",
+        "models/checkpoints/lora/.current.tmp-k1ll3d/state.safetensors": b"half",
+        "models/checkpoints/lora/.previous.old-k1ll3d/state.json": b"{}",
+        "reports/curves/.dora.csv.tmp-0ther": b"another stage's: not ours to remove",
+    }
+    for path, data in planted.items():
+        (workspace / path).parent.mkdir(parents=True, exist_ok=True)
+        (workspace / path).write_bytes(data)
+    train.run(*train.parse(stage_argv("train@lora")))
+    assert _leftovers(workspace) == ["reports/curves/.dora.csv.tmp-0ther"]
+    assert (workspace / "models/adapters/lora/adapter.safetensors").stat().st_size > 100
+    (workspace / "reports/curves/.dora.csv.tmp-0ther").unlink()
+
+
+def test_a_folder_swap_cut_in_half_gets_its_previous_version_back(tmp_path):
+    from pipeline.files import remove_leftovers
+
+    (tmp_path / ".plots.old-k1ll3d" / "previous").mkdir(parents=True)
+    (tmp_path / ".plots.old-k1ll3d" / "previous" / "a.png").write_bytes(b"previous")
+    (tmp_path / ".plots.tmp-k1ll3d").mkdir()
+    (tmp_path / ".plots.tmp-k1ll3d" / "a.png").write_bytes(b"half")
+    remove_leftovers([tmp_path / "plots"])
+    assert _snapshot(tmp_path) == {"plots/a.png": b"previous"}
+
+
+def test_git_ignores_scratch_and_staging_files():
+    names = ["reports/curves/.lora.csv.tmp-abc123", "reports/metrics/.lora.json.tmp-abc123",
+             "models/adapters/.lora.tmp-abc123/adapter.safetensors",
+             "models/adapters/.lora.old-abc123/previous/adapter.safetensors",
+             "models/checkpoints/lora/current/state.safetensors"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert done.stdout.split() == names
+    dvcignore = (ROOT / ".dvcignore").read_text().split()
+    assert ".*.tmp-*" in dvcignore and ".*.old-*" in dvcignore
+
+
 def test_compare_stage_failure_keeps_the_previous_report(workspace, monkeypatch):
     from pipeline import compare
 
@@ -345,9 +400,9 @@ def test_compare_stage_failure_keeps_the_previous_report(workspace, monkeypatch)
     for name, text in (("comparison.md", "previous report"), ("comparison.zh.md", "旧报告"), ("comparison.csv", "x\n")):
         (reports / name).write_text(text)
     before = _snapshot(reports)
-    monkeypatch.setattr(compare, "load_inputs", lambda params: (_ for _ in ()).throw(FileNotFoundError("metrics")))
+    monkeypatch.setattr(compare, "load_inputs", lambda params, args: (_ for _ in ()).throw(FileNotFoundError("metrics")))
     with pytest.raises(FileNotFoundError):
-        compare.main([])
+        compare.main(stage_argv("compare"))
     assert _snapshot(reports) == before
 
 
@@ -359,8 +414,8 @@ def test_unreachable_mlflow_warns_once_and_the_metrics_are_still_written(workspa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(tracking, "_DISABLED_REASON", None)
     started = time.time()
-    train.run("lora")
-    evaluate.run("lora")
+    train.run(*train.parse(stage_argv("train@lora")))
+    evaluate.run(*evaluate.parse(stage_argv("evaluate@lora")))
     err = capsys.readouterr().err
     assert err.count("WARNING: MLflow tracking is off") == 1, err
     assert time.time() - started < 120

@@ -62,9 +62,9 @@ def test_compatible_combinations_build_and_train_a_step(combo):
     loss.backward()
     opt = adapted.optimizer(1e-2)
     before = {n: p.detach().clone() for n, p in adapted.named_trainable_parameters()}
-    adapted.before_optimizer_step(0)
+    adapted.before_optimizer_step(0, opt)
     opt.step()
-    adapted.after_optimizer_step(0)
+    adapted.after_optimizer_step(0, opt)
     assert any(not torch.equal(before[n], p) for n, p in adapted.named_trainable_parameters())
 
 

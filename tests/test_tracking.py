@@ -2,8 +2,7 @@
 
 The train stage's run holds the params, curves and (after evaluation) the quality metrics; the
 evaluate stage's run is its child; each run starts when its stage started and ends when it
-ended. Plus what a stage costs before its own work: which libraries a stage module imports,
-and the stage start time.
+ended (a stage's start is its process's start).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stage_cmds import stage_argv
 from tiny_assets import save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def workspace(tmp_path_factory):
     try:
         from pipeline import prepare
 
-        assert prepare.main([]) == 0
+        assert prepare.main(stage_argv("prepare")) == 0
     finally:
         os.chdir(cwd)
     return root
@@ -63,9 +63,9 @@ def tracked(workspace):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workspace)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        train_span = _stage(mp, lambda: train.run("lora"))
+        train_span = _stage(mp, lambda: train.run(*train.parse(stage_argv("train@lora"))))
         time.sleep(0.05)  # the two stages never share a millisecond
-        eval_span = _stage(mp, lambda: evaluate.run("lora"))
+        eval_span = _stage(mp, lambda: evaluate.run(*evaluate.parse(stage_argv("evaluate@lora"))))
         exported = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID") if k in os.environ}
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lora-variants").experiment_id])
@@ -132,15 +132,3 @@ def test_the_stage_start_is_the_process_start():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     # interpreter start-up happens before the first line: the process began a little earlier
     assert 0 <= float(out.stdout) < 5, out.stdout
-
-
-@pytest.mark.parametrize("module, absent", [
-    ("pipeline.train", ("mlflow", "pandas", "pandera")),
-    ("pipeline.evaluate", ("mlflow", "pandera")),
-    ("pipeline.focus", ("mlflow", "pandas", "pandera")),
-])
-def test_stage_modules_import_only_what_every_run_needs(module, absent):
-    # mlflow alone is ~1.5 s of imports per stage; it is loaded when tracking is on, by the tracker
-    code = f"import sys, {module}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [], f"{module} imports {out.stdout.strip()} eagerly"

@@ -31,11 +31,11 @@ class RecordingStep(Part):
         CALLS.append(("extra_loss", step))
         return adapted.layers[next(iter(adapted.layers))].lora_B.sum() * 0.0
 
-    def before_optimizer_step(self, adapted, step):
+    def before_optimizer_step(self, adapted, step, optimizer):
         CALLS.append(("before", step))
         assert all(p.grad is not None for p in adapted.trainable_parameters())
 
-    def after_optimizer_step(self, adapted, step):
+    def after_optimizer_step(self, adapted, step, optimizer):
         CALLS.append(("after", step))
         assert all(p.grad is not None for p in adapted.trainable_parameters()), "zero_grad ran before the hook"
 

@@ -7,6 +7,7 @@
     records = variants.train(adapted, batches, variants.TrainSettings(steps=100, lr=1e-3))
     variants.save(adapted, "out/adapter")           # adapter_config.json + adapter.safetensors
     variants.export_peft(adapted, "out/peft")       # loads with peft.PeftModel.from_pretrained
+    adapted = variants.load_peft(model, "peft/adapter")  # a PEFT adapter folder (LORA, VERA, ADALORA)
 
 Methods (presets): lora, qlora, loftq, adalora, sora, lora_plus, dora, rslora, lora_fa, vera,
 delta_lora.
@@ -19,6 +20,7 @@ from .core import AdapterLayer
 from .io import export_peft, file_bytes, load, save
 from .model import AdaptedModel, build
 from .parts import SLOTS, Option, Part, names as part_names, part_class, register
+from .peft_load import load_peft
 from .spec import PRESETS, AdapterSpec
 from .training import NonFiniteLossError, StepRecord, TrainSettings, train
 
@@ -35,6 +37,6 @@ def get(name: str, **overrides) -> AdapterSpec:
 
 __all__ = [
     "AdaptedModel", "AdapterLayer", "Checkpointer", "AdapterSpec", "NonFiniteLossError", "Option", "PRESETS", "Part", "SLOTS",
-    "StepRecord", "TrainSettings", "build", "export_peft", "file_bytes", "get", "load", "names", "part_class",
+    "StepRecord", "TrainSettings", "build", "export_peft", "file_bytes", "get", "load", "load_peft", "names", "part_class",
     "part_names", "register", "save", "train",
 ]

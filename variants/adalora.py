@@ -81,7 +81,8 @@ class AdaLoRA(LayerKind):
     name = "adalora"
     idea = "SVD-form update; prune singular values by importance to a rank budget"
     idea_zh = "奇异值分解形式的增量，按重要性剪枝奇异值以分配秩预算"
-    peft_type = None  # PEFT has AdaLoRA, but its saved format resizes modules; ours keeps full tensors
+    peft_type = "ADALORA"  # PEFT saves only the kept triplets (rank_pattern masks); peft_format.py maps them
+    trains_lora_pair = True  # scaled_by_spec stays off: the scale is alpha/init_r by definition; E sits between
     options = {
         "target_r": Option(8, int, lambda v: v >= 1, ">= 1", "average final rank per layer"),
         "tinit": Option(0, int, lambda v: v >= 0, ">= 0", "steps before budgeting starts"),
@@ -101,8 +102,11 @@ class AdaLoRA(LayerKind):
         o = spec.options
         if o["total_step"] is None:
             raise ValueError("layer=adalora needs total_step (the number of training steps) for its budget schedule")
-        if o["target_r"] > spec.r:
-            raise ValueError(f"layer=adalora: target_r ({o['target_r']}) must not exceed the initial rank r ({spec.r})")
+        if o["target_r"] >= spec.r:
+            # the allocator prunes init_bgt - budget >= 1 triplets per masking; at target_r = r
+            # there is nothing to prune (and torch.kthvalue would be asked for k = 0)
+            raise ValueError(f"layer=adalora: target_r ({o['target_r']}) must be smaller than the initial rank "
+                             f"r ({spec.r}), or there is no rank to reallocate")
         if not o["tinit"] < o["total_step"] - o["tfinal"]:
             raise ValueError(f"layer=adalora: tinit ({o['tinit']}) must be smaller than total_step - tfinal "
                              f"({o['total_step']} - {o['tfinal']}), or no budgeting phase is left")
@@ -181,7 +185,7 @@ class AdaLoRA(LayerKind):
         return masks
 
     @torch.no_grad()
-    def after_optimizer_step(self, adapted, step: int) -> None:
+    def after_optimizer_step(self, adapted, step: int, optimizer) -> None:
         init_bgt, target_bgt = self.budgets(adapted)
         final = self.opts.total_step - self.opts.tfinal
         budget, mask_now = self.budget_schedule(step, init_bgt, target_bgt)

@@ -71,19 +71,34 @@ def strip_names(groups: list[dict]) -> list[dict]:
 
 
 def resolve_lr(groups: list[dict], lr: float) -> list[dict]:
-    """Turn a group's relative `lr_scale` (set by parts that know ratios, not rates) into its `lr`."""
+    """Turn a group's relative `lr_scale` (set by parts that know ratios, not rates) into its `lr`.
+
+    `lr_scale` stays in the group (torch optimizers keep extra keys and ignore them), so a hook
+    can recover the base rate the schedule is at: lr / lr_scale (SoRA's gate step).
+    """
     out = []
     for g in groups:
         g = dict(g)
-        g["lr"] = lr * g.pop("lr_scale", 1.0)
+        g["lr_scale"] = float(g.get("lr_scale", 1.0))
+        g["lr"] = lr * g["lr_scale"]
         out.append(g)
     return out
+
+
+def base_lr(group: dict) -> float:
+    """The base learning rate in force for a group built by `resolve_lr` (the schedule included).
+
+    A group without `lr_scale` (an optimizer built by hand) runs at the base rate itself.
+    """
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 class OptimizerPart(Part):
     """An `optimizer` part builds the optimizer from the final parameter groups."""
 
     slot = "optimizer"
+    # Adam's ε when the run does not set one (TrainSettings.eps = None): the reference's value.
+    default_eps: float = 1e-8  # torch.optim.AdamW
 
     def make_optimizer(self, adapted, groups: list[dict], *, lr: float, weight_decay: float,
                        betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:

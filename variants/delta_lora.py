@@ -2,15 +2,17 @@
 Delta of Low-Rank Matrices", arXiv 2309.02411 (Algorithm 1).
 
 The model is LoRA without dropout on the adapter path (so that ∂L/∂W = ∂L/∂(sBA)); the
-optimizer trains A and B, and after every optimizer step t at or past the start step K
-the frozen weight moves by the change of the low-rank product:
+optimizer trains A and B, and after every optimizer step t past the start step K
+(t > K, Algorithm 1; t is the 0-based step index the training loop passes) the frozen
+weight moves by the change of the low-rank product:
 
     W ← W + λ · s · (B_{t+1} A_{t+1} − B_t A_t),     λ = `delta_update_ratio`
 
-W gets no gradient and no optimizer state. The sum telescopes: after the last step T,
-W_T = W_K + λ·s·(B_T A_T − B_K A_K), where (B_K, A_K) are the factors just before the
-first update — so a saved adapter stores (B_K, A_K) beside (B_T, A_T) and rebuilds W_T
-from the original weights on load, instead of a full copy of W. Merge gives W_T + s·B_T A_T.
+So K = 0 leaves W alone in step 0 and moves it from step 1 on. W gets no gradient and no
+optimizer state. The sum telescopes: after the last step T, W_T = W_0 + λ·s·(B_T A_T −
+B_{K+1} A_{K+1}), where (B_{K+1}, A_{K+1}) are the factors just before the first update
+(after step K) — so a saved adapter stores them beside (B_T, A_T) and rebuilds W_T from
+the original weights on load, instead of a full copy of W. Merge gives W_T + s·B_T A_T.
 
 The update is one fused GEMM per layer: [B_{t+1} | B_t] @ [A_{t+1} ; −A_t] added into W.
 A base kept in bf16/fp16 would lose small deltas, so for such a base the update is
@@ -37,12 +39,11 @@ class DeltaLoRA(Part):
     state_bytes_per_base_weight = 4.0  # the fp32 residual kept for a bf16/fp16 base
     options = {
         "delta_update_ratio": Option(2.0, float, lambda v: v > 0, "> 0", "λ, the update ratio"),
-        "delta_start_step": Option(0, int, lambda v: v >= 0, ">= 0", "K, first step (0-based) that updates W"),
+        "delta_start_step": Option(0, int, lambda v: v >= 0, ">= 0",
+                                   "K: W moves after every step t > K (0-based), as Algorithm 1's 't > K'"),
     }
-    requires = {
-        "layer": (frozenset({"lora"}), "the W update λ·s·Δ(BA) is defined for a plain LoRA pair"),
-        "base": (frozenset({"full"}), "Delta-LoRA writes the base weights, which a quantized base cannot hold"),
-    }
+    requires = {"base": (frozenset({"full"}), "Delta-LoRA writes the base weights, which a quantized base cannot hold")}
+    layer_needs = {"update_is_s_ba": "the W update λ·s·Δ(BA) is defined for a plain LoRA pair (ΔW = s·BA)"}
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -61,10 +62,10 @@ class DeltaLoRA(Part):
             )
 
     def _active(self, step: int) -> bool:
-        return step >= self.opts.delta_start_step
+        return step > self.opts.delta_start_step  # Algorithm 1: "if t > K"
 
     @torch.no_grad()
-    def before_optimizer_step(self, adapted, step: int) -> None:
+    def before_optimizer_step(self, adapted, step: int, optimizer) -> None:
         if not self._active(step):
             return
         for name, layer in adapted.layers.items():
@@ -73,7 +74,7 @@ class DeltaLoRA(Part):
             self.reference.setdefault(name, pair)
 
     @torch.no_grad()
-    def after_optimizer_step(self, adapted, step: int) -> None:
+    def after_optimizer_step(self, adapted, step: int, optimizer) -> None:
         if not self._active(step):
             return
         coeff = self.opts.delta_update_ratio * adapted.spec.scale

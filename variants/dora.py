@@ -60,6 +60,7 @@ class DoRA(LoRA):
     idea = "magnitude/direction split, LoRA on the direction"
     idea_zh = "权重分解为幅度和方向，LoRA 只更新方向"
     peft_names = {**LoRA.peft_names, "magnitude": "lora_magnitude_vector"}
+    update_is_s_ba = False  # the magnitude and the row norm sit on top of s·BA
 
     def create(self, name: str, base_layer: nn.Module) -> DoRALayer:
         return DoRALayer(base_layer, self.rank_for(name), self.spec.scale, self.spec.dropout)

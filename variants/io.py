@@ -5,10 +5,11 @@ layer names) and `adapter.safetensors` (only adapter tensors). `load` rebuilds t
 adapter on a fresh copy of the same base model from those two files alone.
 
 `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` as PEFT 0.21
-names them (peft_type LORA with use_rslora / use_dora, or VERA), so that
+names them (peft_type LORA with use_rslora / use_dora, SoRA as LORA with rank_pattern /
+alpha_pattern, VERA, ADALORA with its rank masks; see `peft_format`), so that
 `PeftModel.from_pretrained(base, folder)` reproduces our logits. Methods PEFT lacks, or
 whose result a PEFT adapter cannot express (Delta-LoRA changes the base weights), are
-refused with a message that says why.
+refused with a message that says why. The other direction is `peft_load.load_peft`.
 
 Writes are atomic: files go to a temporary sibling folder that replaces the target
 only once complete, so a crash never leaves a half-written adapter behind.
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .model import AdaptedModel, build
+from .peft_format import to_peft
 from .spec import AdapterSpec
 
 FORMAT = "lora-variants-workbench/adapter/1"
@@ -136,44 +138,10 @@ def file_bytes(directory: str | os.PathLike) -> int:
 
 
 # ----- PEFT format -----------------------------------------------------------------------------------
-def peft_config(adapted: AdaptedModel) -> dict[str, Any]:
-    """PEFT's adapter_config.json for this adapter (PEFT fills the fields we omit with its defaults)."""
-    spec = adapted.spec
-    blockers = [f"{p.slot}={p.name}" for p in adapted.parts if not p.peft_exportable]
-    if adapted.layer_kind.peft_type is None or blockers:
-        why = ", ".join(blockers) or f"layer={spec.layer}"
-        raise ValueError(f"{spec.label} cannot be exported in PEFT's format ({why} has no PEFT equivalent)")
-    fan_in_fan_out = any(layer.fan_in_fan_out for layer in adapted.layers.values())
-    common = {"target_modules": sorted(adapted.layers), "fan_in_fan_out": fan_in_fan_out, "bias": "none",
-              "inference_mode": True, "task_type": None, "base_model_name_or_path": None,
-              "modules_to_save": None}
-    if adapted.layer_kind.peft_type == "VERA":
-        opts = adapted.layer_kind.opts
-        return {**common, "peft_type": "VERA", "r": spec.r, "vera_dropout": spec.dropout,
-                "d_initial": opts.d_initial, "projection_prng_key": opts.projection_prng_key,
-                "save_projection": opts.save_projection, "init_weights": True}
-    return {**common, "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-            "use_rslora": spec.scaling == "rslora", "use_dora": spec.layer == "dora", "init_lora_weights": True}
-
-
-def peft_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
-    """Our tensors under PEFT's saved key names."""
-    names = adapted.layer_kind.peft_names
-    out: dict[str, torch.Tensor] = {}
-    for layer_name, layer in adapted.layers.items():
-        for key, tensor in layer.adapter_state().items():
-            out[f"base_model.model.{layer_name}.{names[key]}"] = tensor
-    if adapted.layer_kind.peft_type == "VERA" and adapted.layer_kind.opts.save_projection:
-        (projections,) = adapted.layer_kind.shared_modules().values()
-        out["base_model.vera_A"] = projections.A
-        out["base_model.vera_B"] = projections.B
-    return out
-
-
 def export_peft(adapted: AdaptedModel, directory: str | os.PathLike) -> Path:
-    """Write the adapter in PEFT's format (atomically)."""
-    config = peft_config(adapted)
-    tensors = _contiguous(peft_state_dict(adapted))
+    """Write the adapter in PEFT's format (atomically); `peft_format` has the mapping per PEFT type."""
+    config, tensors = to_peft(adapted)
+    tensors = _contiguous(tensors)
 
     def write(tmp: Path) -> None:
         save_file(tensors, tmp / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})

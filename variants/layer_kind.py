@@ -39,6 +39,15 @@ class LayerKind(Part):
     # our tensor name -> PEFT's key suffix inside the adapted module
     peft_names: ClassVar[dict[str, str]] = {}
 
+    # Capabilities that modifiers ask for (`Part.layer_needs`) instead of listing layer kinds.
+    # All off here: a new layer kind declares what it offers.
+    #   trains_lora_pair  every layer has trainable factors `lora_A` (r x in) and `lora_B` (out x r)
+    #   scaled_by_spec    the update is multiplied by the scaling part's factor s (`spec.scale`)
+    #   update_is_s_ba    ΔW = s·lora_B·lora_A exactly, and these two are the layer's only adapter tensors
+    trains_lora_pair: ClassVar[bool] = False
+    scaled_by_spec: ClassVar[bool] = False
+    update_is_s_ba: ClassVar[bool] = False
+
     # per-layer ranks that override spec.r (set by `build` from a saved adapter)
     rank_pattern: dict[str, int] = {}
 

@@ -14,6 +14,11 @@ scale s makes the initialisation exact for any alpha; PEFT's `loftq_init` does n
 so its init is exact only when s = 1 (alpha = r; peft#1982). The SVD runs on the weight's
 own device, CPU included (PEFT's requires CUDA). It needs the full-precision weights, so a
 base that is already quantized is refused.
+
+A rank above a layer's width (r > min(out, in)) is accepted, as LoRA accepts it: the SVD
+has only k = min(out, in) components, which then capture the whole residual (deq(Q) + s·BA
+= W up to rounding); the other r − k rows of A keep LoRA's Kaiming-uniform init and the
+matching columns of B start at zero, so they add nothing at step 0 and train as in LoRA.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from .quant import dequantize_weight, quantize_weight
 
 def loftq_factors(weight: torch.Tensor, rank: int, scale: float, iters: int, quant_type: str, double_quant: bool,
                   blocksize: int):
-    """(codes, state, A, B) of LoftQ's alternating initialisation for one (out, in) weight."""
+    """(codes, state, A, B) of LoftQ's alternating initialisation for one (out, in) weight.
+
+    A and B have k = min(rank, out, in) rows / columns: the SVD has no more components.
+    """
     weight = weight.detach().float()
     residual = weight
     for t in range(iters):
@@ -51,10 +59,9 @@ class LoftQInit(InitPart):
     idea = "quantize and initialise the adapter jointly: deq(Q) + s·BA ≈ W"
     idea_zh = "量化与适配器联合初始化，使 deq(Q) + s·BA ≈ W"
     options = {"loftq_iter": Option(1, int, lambda v: v >= 1, ">= 1", "alternating quantize/SVD rounds")}
-    requires = {
-        "base": (frozenset({"nf4", "fp4"}), "LoftQ initialises an adapter against a 4-bit base"),
-        "layer": (frozenset({"lora"}), "LoftQ sets a plain LoRA pair (A, B) from an SVD"),
-    }
+    requires = {"base": (frozenset({"nf4", "fp4"}), "LoftQ initialises an adapter against a 4-bit base")}
+    layer_needs = {"update_is_s_ba": "LoftQ sets a plain LoRA pair (A, B) from an SVD, so that s·BA is the "
+                                     "quantization error's best rank-r part"}
 
     def check_target(self, name: str, module: torch.nn.Module) -> None:
         if is_quantized(module) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
@@ -70,5 +77,7 @@ class LoftQInit(InitPart):
         state.to(base.codes.device)
         base.codes = codes.to(base.codes.device)
         base.state = state
-        layer.lora_A.copy_(a.to(layer.lora_A))
-        layer.lora_B.copy_(b.to(layer.lora_B))
+        k = a.shape[0]  # min(r, out, in); rows of A past k keep the layer's own (LoRA) init
+        layer.lora_A[:k].copy_(a.to(layer.lora_A))
+        layer.lora_B[:, :k].copy_(b.to(layer.lora_B))
+        layer.lora_B[:, k:].zero_()

@@ -51,6 +51,7 @@ class LoRA(LayerKind):
     idea_zh = "冻结 W0，训练低秩增量 s·BA"
     peft_type = "LORA"
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    trains_lora_pair = scaled_by_spec = update_is_s_ba = True
 
     def create(self, name: str, base_layer: nn.Module) -> LoRALayer:
         return LoRALayer(base_layer, self.rank_for(name), self.spec.scale, self.spec.dropout)

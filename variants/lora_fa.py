@@ -15,7 +15,8 @@ update) — exactly PEFT's update. Other trainable tensors get the same AdamW wi
 projection. Because A never changes, (AAᵀ + 1e-8 I)⁺ is computed once per layer, not
 every step (it is recomputed if A is ever modified). PEFT evaluates the projection
 under bf16 autocast when the machine supports bf16, which moves its step by ~0.3%;
-this implementation keeps the parameter dtype.
+this implementation keeps the parameter dtype. Adam's ε defaults to PEFT's 1e-6 (not
+AdamW's 1e-8) unless the run sets one.
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ class LoRAFA(OptimizerPart):
     name = "lora_fa"
     idea = "A frozen at init; B's gradient projected onto row(A)"
     idea_zh = "冻结随机初始化的 A，B 的梯度投影到 A 的行空间"
-    requires = {"layer": (frozenset({"lora"}),
-                          "LoRA-FA freezes A and projects the gradient of B for a plain LoRA pair; "
-                          "other layer kinds have no such pair or change what B's gradient means")}
+    # PEFT's LoraFAOptimizer defaults to eps 1e-6 and create_lorafa_optimizer never sets it;
+    # a run that sets eps explicitly (TrainSettings.eps) overrides this.
+    default_eps = 1e-6
+    layer_needs = {"update_is_s_ba": "LoRA-FA freezes A and projects the gradient of B for a plain LoRA pair "
+                                     "(ΔW = s·BA); this layer kind has no such pair or changes what B's gradient means"}
 
     def configure(self, adapted) -> None:
         for layer in adapted.layers.values():

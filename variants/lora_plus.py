@@ -28,8 +28,8 @@ class LoRAPlus(OptimizerPart):
     options = {
         "loraplus_ratio": Option(16.0, float, lambda v: v > 0, "> 0", "η_B / η_A"),
     }
-    requires = {"layer": (frozenset({"lora", "dora", "adalora", "sora"}),
-                          "LoRA+ sets the learning rates of a trainable A/B pair, and VeRA trains no A or B")}
+    layer_needs = {"trains_lora_pair": "LoRA+ sets the learning rates of a trainable A/B pair, "
+                                       "and this layer kind trains no A or B"}
 
     def param_groups(self, adapted, groups: list[dict]) -> list[dict]:
         out = []

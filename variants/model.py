@@ -10,12 +10,20 @@ methods call the hook of every part of the spec, in slot order; the loop never a
 which variant it trains:
 
     opt = adapted.optimizer(lr=..., weight_decay=...)    # parts shape the groups, the optimizer part builds it
-    loss = model(**batch).loss + adapted.extra_loss(step)
-    loss.backward(); clip
-    adapted.before_optimizer_step(step); opt.step(); adapted.after_optimizer_step(step)
-    opt.zero_grad()
-    ...
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ...)  # optional
+    for step in range(steps):
+        loss = model(**batch).loss
+        extra = adapted.extra_loss(step)                 # None when no part adds a term
+        (loss if extra is None else loss + extra).backward(); clip
+        adapted.before_optimizer_step(step, opt)
+        opt.step()
+        adapted.after_optimizer_step(step, opt)          # before sched.step() and zero_grad()
+        sched.step(); opt.zero_grad()
     adapted.finalize()
+
+The optimizer-step hooks take the optimizer explicitly: a part that steps tensors of
+its own (SoRA's gates) uses the learning rate in force in `opt`, so it follows the
+schedule exactly as the main update does.
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ class AdaptedModel:
         self.spec = spec
         self.layers = layers
         self.parts = parts
-        self.optimizer_in_use: torch.optim.Optimizer | None = None  # set by `variants.train`
+        # The optimizer `optimizer()` built last (reports name its class); hooks never read it,
+        # they receive the optimizer that steps.
+        self.optimizer_in_use: torch.optim.Optimizer | None = None
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -176,17 +186,27 @@ class AdaptedModel:
         return [g for g in groups if g["params"]]
 
     def optimizer(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                  eps: float = 1e-8) -> torch.optim.Optimizer:
-        """The optimizer this spec trains with (AdamW, LoRA+ groups, LoRA-FA's projected AdamW, ...)."""
+                  eps: float | None = None) -> torch.optim.Optimizer:
+        """The optimizer this spec trains with (AdamW, LoRA+ groups, LoRA-FA's projected AdamW, ...).
+
+        `eps=None` takes the optimizer part's reference value (AdamW 1e-8, LoRA-FA 1e-6 as PEFT's
+        LoraFAOptimizer); a number overrides it.
+        """
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"learning rate must be a positive number, got {lr!r}")
         if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or weight_decay < 0:
             raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        if eps is not None and (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0):
+            raise ValueError(f"eps must be a positive number (or None for the optimizer's own default), got {eps!r}")
         groups = self.param_groups()
         if not groups:
             raise ValueError(f"{self.spec.label}: the model has no trainable adapter tensors")
-        return self.part("optimizer").make_optimizer(  # type: ignore[attr-defined]
-            self, groups, lr=float(lr), weight_decay=float(weight_decay), betas=betas, eps=eps)
+        optimizer_part = self.part("optimizer")
+        if eps is None:
+            eps = optimizer_part.default_eps  # type: ignore[attr-defined]
+        self.optimizer_in_use = optimizer_part.make_optimizer(  # type: ignore[attr-defined]
+            self, groups, lr=float(lr), weight_decay=float(weight_decay), betas=betas, eps=float(eps))
+        return self.optimizer_in_use
 
     def extra_loss(self, step: int) -> torch.Tensor | None:
         """Sum of the parts' extra loss terms, or None when no part adds one."""
@@ -197,13 +217,17 @@ class AdaptedModel:
                 total = term if total is None else total + term
         return total
 
-    def before_optimizer_step(self, step: int) -> None:
+    def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Every part's hook, after backward and clipping, right before `optimizer.step()`."""
+        _check_step_args(step, optimizer)
         for part in self.parts:
-            part.before_optimizer_step(self, step)
+            part.before_optimizer_step(self, step, optimizer)
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Every part's hook, right after `optimizer.step()`, before the scheduler's step and `zero_grad()`."""
+        _check_step_args(step, optimizer)
         for part in self.parts:
-            part.after_optimizer_step(self, step)
+            part.after_optimizer_step(self, step, optimizer)
 
     def finalize(self) -> None:
         for part in self.parts:
@@ -271,6 +295,14 @@ class AdaptedModel:
             part.load_adapter_tensors(self, part_tensors.get(part.slot, {}))
 
 
+def _check_step_args(step: int, optimizer: torch.optim.Optimizer) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer (the 0-based optimizer step), got {step!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"the optimizer-step hooks need the optimizer that steps (from adapted.optimizer()), "
+                         f"got {optimizer!r}")
+
+
 def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized: Mapping[str, Any] | None = None,
           rank_pattern: Mapping[str, int] | None = None) -> AdaptedModel:
     """Add the adapter described by `spec` to `model` (in place) and return its handle.
@@ -279,8 +311,10 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
     QuantState)), so the base is not quantized twice. `rank_pattern`: per-layer ranks of a
     saved adapter whose ranks changed in training (SoRA's pruning).
 
-    All validation happens before the first module is replaced: on any error the model is
-    left exactly as it was.
+    All validation happens before the first module is replaced (the spec, the targets, every
+    part's `check_target`, pre-quantized weights, the rank pattern): on any error the model
+    is left exactly as it was. Should something still fail while the layers are replaced,
+    the original modules and requires_grad flags are put back before the error propagates.
     """
     if not isinstance(spec, AdapterSpec):
         spec = AdapterSpec.from_dict(spec)
@@ -289,36 +323,62 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
     by_slot = {p.slot: p for p in parts}
     layer_kind: LayerKind = by_slot["layer"]  # type: ignore[assignment]
     base_part = by_slot["base"]
+    if quantized is not None:  # before the target checks, which compare each target with its codes
+        if not hasattr(base_part, "use_prequantized"):
+            raise ValueError(f"pre-quantized weights were given, but {spec.label} uses base={spec.base}")
+        if not isinstance(quantized, Mapping):
+            raise ValueError(f"quantized must map layer names to (codes, QuantState), got {type(quantized).__name__}")
+        base_part.use_prequantized(quantized)
     # the init part first: its reason for refusing a target (e.g. LoftQ needs full-precision
     # weights) is the most specific one
     checkers = sorted(parts, key=lambda p: p.slot != "init")
     for name, module in targets:
         for part in checkers:
             part.check_target(name, module)
-    if quantized is not None:
-        if not hasattr(base_part, "use_prequantized"):
-            raise ValueError(f"pre-quantized weights were given, but {spec.label} uses base={spec.base}")
-        base_part.use_prequantized(quantized)
     if rank_pattern:
         unknown = sorted(set(rank_pattern) - {n for n, _ in targets})
         if unknown:
             raise ValueError(f"rank_pattern names layers this spec does not adapt: {unknown[:5]}")
+        bad = {n: r for n, r in rank_pattern.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
+        if bad:
+            raise ValueError(f"rank_pattern ranks must be positive integers, got {bad}")
         layer_kind.rank_pattern = dict(rank_pattern)
     layer_kind.prepare(model, targets)
+    taken = [attr for attr in layer_kind.shared_modules() if hasattr(model, attr)]
+    if taken:
+        raise ValueError(f"{type(model).__name__} already has an attribute {taken[0]!r}, "
+                         f"where {spec.label} keeps its shared modules")
 
-    # From here on the model changes.
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers: dict[str, AdapterLayer] = {}
-    init_part = by_slot["init"]
-    for name, module in targets:
-        layer = layer_kind.create(name, base_part.convert(name, module))  # type: ignore[attr-defined]
-        init_part.init_layer(name, layer, module)  # type: ignore[attr-defined]
-        replace_module(model, name, layer)
-        layers[name] = layer
-    for attr, module in layer_kind.shared_modules().items():
-        model.add_module(attr, module)
-    adapted = AdaptedModel(model, spec, layers, parts)
-    for part in parts:
-        part.configure(adapted)
+    # From here on the model changes; anything unforeseen is rolled back.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    replaced: list[tuple[str, nn.Module]] = []
+    added: list[str] = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        layers: dict[str, AdapterLayer] = {}
+        init_part = by_slot["init"]
+        for name, module in targets:
+            layer = layer_kind.create(name, base_part.convert(name, module))  # type: ignore[attr-defined]
+            init_part.init_layer(name, layer, module)  # type: ignore[attr-defined]
+            # a new module starts in training mode; take the replaced one's, or a model in eval mode
+            # would run the adapter's dropout at inference
+            layer.train(module.training)
+            replace_module(model, name, layer)
+            replaced.append((name, module))
+            layers[name] = layer
+        for attr, module in layer_kind.shared_modules().items():
+            model.add_module(attr, module)
+            added.append(attr)
+        adapted = AdaptedModel(model, spec, layers, parts)
+        for part in parts:
+            part.configure(adapted)
+    except BaseException:
+        for attr in added:
+            delattr(model, attr)
+        for name, module in reversed(replaced):
+            replace_module(model, name, module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     return adapted

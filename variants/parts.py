@@ -14,7 +14,13 @@ A LoRA-family method is one *layer kind* plus orthogonal *modifiers* (shared/DES
 Every part implements the same training hooks (`param_groups`, `extra_loss`,
 `before_optimizer_step`, `after_optimizer_step`, `finalize`, `state_dict`); the base
 class makes them no-ops, so a training loop calls all of them for every variant and
-never branches on a variant's name.
+never branches on a variant's name. The optimizer-step hooks receive the optimizer that
+steps (a part that needs its learning rate reads the rate in force, schedule included).
+
+A modifier that only works on some layer kinds says which *capabilities* it needs
+(`layer_needs`, flags declared on the layer-kind classes such as `trains_lora_pair`),
+not which layer kinds it knows: a new layer kind declares its flags and every modifier
+accepts or refuses it without being edited.
 
 A part's options are flat keys of the spec (`loraplus_ratio`, `d_initial`, ...), so a
 params.yaml entry stays scalar and `dvc exp run -S variants.vera.d_initial=0.05` works.
@@ -72,8 +78,9 @@ class Option:
 class Part:
     """Base class of every part: metadata plus no-op training hooks.
 
-    Subclasses set `slot`, `name`, `idea` (one line, used by the report), `options`, and
-    `requires`: for another slot, the names this part can be combined with and why.
+    Subclasses set `slot`, `name`, `idea` (one line, used by the report), `options`,
+    `requires`: for another slot, the names this part can be combined with and why, and
+    `layer_needs`: capability flags the spec's layer kind must declare true, and why.
     """
 
     slot: ClassVar[str]
@@ -82,6 +89,7 @@ class Part:
     idea_zh: ClassVar[str] = ""  # the same in Chinese, for the report's Chinese twin
     options: ClassVar[dict[str, Option]] = {}
     requires: ClassVar[dict[str, tuple[frozenset[str], str]]] = {}
+    layer_needs: ClassVar[dict[str, str]] = {}  # capability flag of the layer kind -> why it is needed
     # False where the adapter cannot be written in PEFT's format (PEFT lacks the method,
     # or the part changes what a PEFT adapter can express, e.g. the base weights).
     peft_exportable: ClassVar[bool] = True
@@ -105,6 +113,16 @@ class Part:
                 raise ValueError(
                     f"incompatible combination: {cls.slot}={cls.name} with {other_slot}={other}: {why}"
                 )
+        if cls.layer_needs:
+            layer = part_class("layer", spec.layer)
+            for flag, why in cls.layer_needs.items():
+                if not hasattr(layer, flag):
+                    raise TypeError(f"{cls.slot}={cls.name} asks for the capability {flag!r}, "
+                                    "which no layer kind declares")
+                if not getattr(layer, flag):
+                    raise ValueError(
+                        f"incompatible combination: {cls.slot}={cls.name} with layer={spec.layer}: {why}"
+                    )
 
     # ----- model-time hooks ------------------------------------------------------------------
     def check_target(self, name: str, module: torch.nn.Module) -> None:
@@ -122,11 +140,12 @@ class Part:
         """A term added to the task loss before backward (e.g. an orthogonality penalty)."""
         return None
 
-    def before_optimizer_step(self, adapted: AdaptedModel, step: int) -> None:
+    def before_optimizer_step(self, adapted: AdaptedModel, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Called after backward and gradient clipping, right before `optimizer.step()`."""
 
-    def after_optimizer_step(self, adapted: AdaptedModel, step: int) -> None:
-        """Called right after `optimizer.step()` and before `zero_grad()` (gradients still there)."""
+    def after_optimizer_step(self, adapted: AdaptedModel, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called right after `optimizer.step()` and before `zero_grad()` and the scheduler's step
+        (gradients still there; `optimizer`'s groups hold the learning rate this step used)."""
 
     def finalize(self, adapted: AdaptedModel) -> None:
         """Called once when training ends (e.g. prune, fix a rank pattern)."""

@@ -46,7 +46,11 @@ class FourBitBase(BaseStorage):
         self.prequantized: dict | None = None
 
     def use_prequantized(self, tensors: dict | None) -> None:
-        """Codes and states quantized earlier (the pipeline's `quantize` stage), keyed by layer name."""
+        """Codes and states quantized earlier (the pipeline's `quantize` stage), keyed by layer name.
+
+        Called by `build` before the target checks: `check_target` then refuses a target whose
+        codes are missing or do not match it, before any module is replaced.
+        """
         self.prequantized = tensors
 
     def check_target(self, name: str, module: torch.nn.Module) -> None:
@@ -54,19 +58,29 @@ class FourBitBase(BaseStorage):
             raise ValueError(f"{name} is already quantized; build {self.spec.label} on the full-precision base")
         if getattr(module, "fan_in_fan_out", False) or type(module).__name__ == "Conv1D":
             raise ValueError(f"base={self.name} supports nn.Linear layers; {name} is a {type(module).__name__}")
+        if self.prequantized is not None:
+            self._check_prequantized(name, module)
+
+    def _check_prequantized(self, name: str, module: torch.nn.Module) -> None:
+        if name not in self.prequantized:
+            raise ValueError(f"no pre-quantized weight for {name}")
+        pre = self.prequantized[name]
+        if not isinstance(pre, (tuple, list)) or len(pre) != 2 or not hasattr(pre[1], "quant_type"):
+            raise ValueError(f"pre-quantized {name} must be a pair (codes, QuantState), got {type(pre).__name__}")
+        state = pre[1]
+        if state.quant_type != self.quant_type or state.blocksize != self.opts.quant_blocksize or \
+                state.nested != self.opts.double_quant:
+            raise ValueError(
+                f"pre-quantized {name} is {state.quant_type}/blocksize {state.blocksize}/double_quant "
+                f"{state.nested}, the spec asks {self.quant_type}/{self.opts.quant_blocksize}/"
+                f"{self.opts.double_quant}")
+        shape = (module.out_features, module.in_features)
+        if tuple(state.shape) != shape:
+            raise ValueError(f"pre-quantized {name} holds a weight of shape {tuple(state.shape)}, "
+                             f"the layer's is {shape}")
 
     def convert(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
-        pre = None
-        if self.prequantized is not None:
-            if name not in self.prequantized:
-                raise ValueError(f"no pre-quantized weight for {name}")
-            pre = self.prequantized[name]
-            if pre[1].quant_type != self.quant_type or pre[1].blocksize != self.opts.quant_blocksize or \
-                    pre[1].nested != self.opts.double_quant:
-                raise ValueError(
-                    f"pre-quantized {name} is {pre[1].quant_type}/blocksize {pre[1].blocksize}/double_quant "
-                    f"{pre[1].nested}, the spec asks {self.quant_type}/{self.opts.quant_blocksize}/"
-                    f"{self.opts.double_quant}")
+        pre = None if self.prequantized is None else self.prequantized[name]  # checked in check_target
         return QuantizedLinear.from_linear(module, self.quant_type, self.opts.double_quant, self.opts.quant_blocksize,
                                            self.opts.compute_dtype, prequantized=pre)
 

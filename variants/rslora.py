@@ -20,7 +20,8 @@ class RsLoRAScaling(Part):
     name = "rslora"
     idea = "rank-stabilised scale alpha/sqrt(r)"
     idea_zh = "秩稳定缩放 alpha/√r"
-    requires = {"layer": (frozenset({"lora", "dora", "adalora", "sora"}), "VeRA has no alpha/r scale to stabilise")}
+    layer_needs = {"scaled_by_spec": "rsLoRA changes the factor s of s·BA, and this layer kind's update "
+                                     "is not scaled by s (VeRA: the λ vectors; AdaLoRA: alpha/init_r)"}
 
     @staticmethod
     def factor(r: int, alpha: float) -> float:

@@ -7,8 +7,10 @@ A gate vector g (r_max) sits between A and B and is driven to exact zeros:
 
 A starts Kaiming-uniform, B at 0, g ~ N(0, 1) (official code). A and B train with the main
 optimizer; g is taken out of it and gets its own step after each main step, as the official
-`SparseAdamW` does: an AdamW step at the main learning rate, then the proximal
-soft-threshold of the paper,
+`SparseAdamW` does: an AdamW step at the main learning rate in force at that step (the
+schedule included, as the official gate optimizer follows the same warmup + linear
+schedule; here with the main rate, the official code takes a separate `sparse_lr`), then
+the proximal soft-threshold of the paper,
 
     g ← sign(g) · max(|g| − ξ, 0)        (ξ = `sora_xi`, not multiplied by the learning rate),
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from .core import AdapterLayer
+from .defaults import base_lr
 from .functional import lora_linear
 from .layer_kind import LayerKind, adapter_kwargs
 from .parts import Option, register
@@ -70,7 +73,8 @@ class SoRA(LayerKind):
     name = "sora"
     idea = "a gate between A and B, sparsified by a proximal step; prune to the kept rank"
     idea_zh = "A 与 B 之间加门控向量，用近端梯度稀疏化，训练后剪枝到保留的秩"
-    peft_type = None
+    peft_type = "LORA"  # exported as LoRA with per-layer ranks (rank_pattern), gates folded into B
+    trains_lora_pair = scaled_by_spec = True  # update_is_s_ba stays off: the gate sits between A and B
     options = {
         "sora_xi": Option(1e-3, float, lambda v: v >= 0, ">= 0", "ξ, the soft-threshold of the proximal step"),
         "sora_l1": Option(1e-3, float, lambda v: v >= 0, ">= 0", "weight of the L1 term mean|g| in the loss"),
@@ -101,10 +105,16 @@ class SoRA(LayerKind):
         return self.opts.sora_l1 * torch.cat(gates).abs().mean()
 
     @torch.no_grad()
-    def after_optimizer_step(self, adapted, step: int) -> None:
-        main = adapted.optimizer_in_use
-        group = main.param_groups[0] if main is not None else {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
-        lr, (beta1, beta2), eps = group["lr"], group.get("betas", (0.9, 0.999)), group.get("eps", 1e-8)
+    def after_optimizer_step(self, adapted, step: int, optimizer) -> None:
+        # The gate's AdamW step uses the main optimizer's hyperparameters as they are at this
+        # step: the base learning rate with the schedule's factor applied (the official code runs
+        # its gate optimizer under the same warmup + decay schedule as the main one).
+        group = optimizer.param_groups[0]
+        missing = [k for k in ("lr", "betas", "eps") if k not in group]
+        if missing:
+            raise ValueError(f"SoRA's gate step is an AdamW step with the main optimizer's lr, betas and eps; "
+                             f"{type(optimizer).__name__}'s parameter group has no {', '.join(missing)}")
+        lr, (beta1, beta2), eps = base_lr(group), group["betas"], group["eps"]
         for name, layer in adapted.layers.items():
             g = layer.gate
             if g.grad is None or not g.requires_grad:

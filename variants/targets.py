@@ -5,6 +5,11 @@ Patterns are module-name suffixes as in PEFT's list form: "q_proj" matches
 linear layer (nn.Linear, GPT-2's Conv1D) except the output head. Every pattern must match
 at least one module, and every match must be a supported linear layer; otherwise a
 ValueError names the pattern, before anything is modified.
+
+A target whose weight is shared with another module (a tied `lm_head`, whose weight is
+the input embedding matrix in SmolLM2 and GPT-2) is refused: merging the adapter, or
+Delta-LoRA's update of W, would write into the shared tensor and change the other module
+too. PEFT only warns here; untie the weight first if the head must be adapted.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
                  if isinstance(m, SUPPORTED_BASE_LAYERS) and m is not head and n.rsplit(".", 1)[-1] != "lm_head"]
         if not found:
             raise ValueError(f"target_modules={ALL_LINEAR!r} matches no linear layer in {type(model).__name__}")
+        _refuse_tied(model, found)
         return found
     chosen: set[str] = set()
     for pattern in patterns:
@@ -60,7 +66,28 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
                     f"({', '.join(t.__name__ for t in SUPPORTED_BASE_LAYERS)}) can be adapted"
                 )
             chosen.add(n)
-    return [(n, m) for n, m in named if n in chosen]
+    found = [(n, m) for n, m in named if n in chosen]
+    _refuse_tied(model, found)
+    return found
+
+
+def _refuse_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Raise if a target's weight tensor is also reachable under another name (tied weights)."""
+    names_of: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(pname)
+    for name, module in targets:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue  # a 4-bit base holds codes, which nothing else shares
+        others = [n for n in names_of.get(id(weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"{name}.weight is tied to {others[0]} (one shared tensor): merging an adapter on {name} "
+                f"(or Delta-LoRA's update of W) would also change {others[0]}. Leave {name} out of "
+                f"target_modules, or untie it first ({name}.weight = nn.Parameter({name}.weight.detach().clone()) "
+                "and config.tie_word_embeddings = False)"
+            )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -4,9 +4,10 @@
         loss = task loss + Σ parts' extra_loss(t)            (AdaLoRA's orthogonality term, ...)
         stop if loss is not finite
         backward; clip the gradient norm; stop if it is not finite
-        before_optimizer_step(t)                             (Delta-LoRA snapshots B, A)
+        before_optimizer_step(t, optimizer)                  (Delta-LoRA snapshots B, A)
         optimizer.step()                                     (LoRA+ groups, LoRA-FA projection, ...)
-        after_optimizer_step(t)                              (Delta-LoRA moves W, AdaLoRA allocates, ...)
+        after_optimizer_step(t, optimizer)                   (Delta-LoRA moves W, AdaLoRA allocates,
+                                                              SoRA's gate step at the scheduled lr)
         scheduler.step(); zero_grad()
     finalize()
 
@@ -38,7 +39,7 @@ class TrainSettings:
     lr: float
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float | None = None  # None: the optimizer part's reference value (AdamW 1e-8, LoRA-FA 1e-6)
     warmup_steps: int = 0
     schedule: str = "constant"
     grad_clip: float | None = 1.0
@@ -50,6 +51,9 @@ class TrainSettings:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
+                                     or not self.eps > 0):
+            raise ValueError(f"eps must be a positive number or null, got {self.eps!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
@@ -109,7 +113,6 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     """
     model = adapted.model
     optimizer = adapted.optimizer(settings.lr, settings.weight_decay, settings.betas, settings.eps)
-    adapted.optimizer_in_use = optimizer  # for reports: which optimizer the spec resolved to
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
     params = adapted.trainable_parameters()
     records: list[StepRecord] = []
@@ -135,9 +138,10 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
         norm = _clip(params, settings.grad_clip)
         if not math.isfinite(norm):
             raise NonFiniteLossError(f"{adapted.spec.label}: gradient norm is {norm} at step {step}")
-        adapted.before_optimizer_step(step)
+        adapted.before_optimizer_step(step, optimizer)
         optimizer.step()
-        adapted.after_optimizer_step(step)
+        # before the scheduler moves on: the hooks see the learning rate this step used
+        adapted.after_optimizer_step(step, optimizer)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

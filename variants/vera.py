@@ -88,6 +88,7 @@ class VeRA(LayerKind):
     idea_zh = "全模型共享一对冻结随机矩阵，每层只训练缩放向量"
     peft_type = "VERA"
     peft_names = {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}
+    # no capability flags: the random pair is frozen and shared, and there is no alpha/r scale
     options = {
         "d_initial": Option(0.1, float, lambda v: v > 0, "> 0", "initial value of every λ_d entry"),
         "projection_prng_key": Option(0, int, lambda v: v >= 0, ">= 0", "seed of the shared random pair"),

@@ -1,0 +1,124 @@
+"""dvc.yaml is the one map of the data and of the params: every stage reads exactly the params it
+declares, gets every path it reads or writes on its cmd line, and imports no other stage."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from stage_cmds import stage_argv
+from tiny_assets import save_tiny_model, small_pipeline_params
+
+from pipeline.declared import UndeclaredParamError, declared_params, restrict
+from pipeline.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH_OPTIONS = ("--checkpoints",)  # scratch folders: read and written, but never a dep or an out
+
+
+@pytest.fixture(scope="module")
+def dvc_stages():
+    """dvc.yaml as DVC itself resolves it (foreach, ${key}, ${variant})."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {stage.addressing: stage for stage in repo.index.stages}
+
+
+def _code(path: str) -> bool:
+    return path.split("/")[0] in ("pipeline", "variants")
+
+
+def test_our_declarations_are_the_ones_dvc_resolves(dvc_stages):
+    for name, stage in dvc_stages.items():
+        from_dvc = [key for dep in stage.deps if type(dep).__name__ == "ParamsDependency" for key in dep.params]
+        assert list(declared_params(name)) == from_dvc, name
+
+
+def test_a_read_of_an_undeclared_key_is_refused_naming_key_and_stage():
+    stage = restrict(load_params(ROOT / "params.yaml"), "train@lora")
+    assert stage.data.max_length == 64 and stage.model.dtype == "float32" and stage.get_variant("lora").spec.r == 8
+    for read in (lambda p: p.eval, lambda p: p.data.template, lambda p: vars(p.data), lambda p: list(p.variants),
+                 lambda p: p.variants["vera"], lambda p: p.variant):
+        with pytest.raises(UndeclaredParamError, match=r"stage train@lora reads params.yaml key '[a-z_.*]+'"):
+            read(stage)
+    assert stage.reads == {"data.max_length", "model", "variants.lora"}
+
+
+def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch):
+    """Runs every stage script on a tiny model with its dvc.yaml command line; a read of an
+    undeclared key fails the stage, and a declared key that no stage code reads fails here."""
+    from pipeline import base, compare, declared, evaluate, focus, prepare, quantize, stage, train
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = small_pipeline_params(raw, save_tiny_model(tmp_path / "tiny-model"), {"lora": {"r": 2}}, steps=2,
+                                   eval_interval=1, checkpoint_interval=1)
+    words = ["cat", "dog", "bird", "fish", "cow", "pig", "hen", "owl", "ant", "bee", "elk", "yak", "emu", "fox",
+             "bat", "rat"]
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"id": w, "prompt": f"Spell: {' '.join(w)}\nARPAbet:", "response": "K AE T"}) + "\n"
+        for w in words))
+    params["data"].update(source="jsonl", path=str(tmp_path / "rows.jsonl"), n_train=8, n_validation=4, n_test=4)
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def recording(params, name):
+        seen[name] = declared.restrict(params, name)
+        return seen[name]
+
+    monkeypatch.setattr(stage, "restrict", recording)
+    runs = [(prepare, "prepare"), (base, "base"), (quantize, "quantize"), (train, "train@lora"),
+            (evaluate, "evaluate@lora"), (evaluate, "evaluate_base"), (compare, "compare"), (focus, "focus")]
+    for module, name in runs:
+        assert module.main(stage_argv(name)) == 0, name
+    assert sorted(seen) == sorted(name for _, name in runs)
+    for name, got in seen.items():
+        assert got.used() == set(declared_params(name)), (name, sorted(got.reads))
+
+
+def test_every_path_on_a_cmd_line_is_a_dep_or_out_and_back(dvc_stages):
+    for name, stage in dvc_stages.items():
+        words = shlex.split(stage.cmd)
+        assert words[:2] == ["python", "-m"] and words[2].startswith("pipeline."), stage.cmd
+        scratch = [words[i + 1] for i, w in enumerate(words) if w in SCRATCH_OPTIONS]
+        paths = {w for i, w in enumerate(words[3:], 3) if "/" in w and words[i - 1] not in SCRATCH_OPTIONS}
+        deps = {d.def_path for d in stage.deps if type(d).__name__ != "ParamsDependency" and not _code(d.def_path)}
+        outs = {o.def_path for o in stage.outs}
+        assert paths == deps | outs, (name, paths ^ (deps | outs))
+        for folder in scratch:  # git ignores it and it lies outside every declared path
+            assert subprocess.run(["git", "check-ignore", "-q", "--no-index", f"{folder}/current/state.json"],
+                                  cwd=ROOT).returncode == 0, folder
+            assert not any(folder == p or folder.startswith(p + "/") or p.startswith(folder + "/")
+                           for s in dvc_stages.values() for p in [o.def_path for o in s.outs]
+                           + [d.def_path for d in s.deps if type(d).__name__ != "ParamsDependency"]), folder
+
+
+def test_the_baseline_row_name_is_the_one_compare_expects(dvc_stages):
+    from pipeline.compare import BASELINE
+
+    words = shlex.split(dvc_stages["evaluate_base"].cmd)
+    assert words[3] == BASELINE and "--adapter" not in words
+    assert f"reports/metrics/{BASELINE}.json" in words
+
+
+def test_no_stage_module_imports_another_stage():
+    modules = {shlex.split(s["cmd"] if "cmd" in s else s["do"]["cmd"])[2]
+               for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()}
+    assert modules == {f"pipeline.{m}" for m in ("prepare", "base", "quantize", "train", "evaluate", "compare", "focus")}
+    for module in modules:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported = {a.name for a in node.names}
+            else:
+                continue
+            assert not (imported & (modules - {module})), (module, imported & modules)
