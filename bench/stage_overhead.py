@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,19 +60,22 @@ def reported_compute(repo: Path, stage: str) -> float:
     return 0.0
 
 
-def run_once(repo: Path, stage: str) -> tuple[float, float]:
-    """(wall seconds, reported compute seconds) of one run of the stage."""
+def run_once(repo: Path, stage: str) -> tuple[float, float, float]:
+    """(wall seconds, reported compute seconds, CPU seconds of the process) of one run of the stage."""
     cmd = stage_command(repo, stage)
     # `python` in the command is this interpreter (the virtualenv's), as under an activated venv
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)  # the checkout's own code (cwd first on sys.path)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(cmd, shell=True, cwd=repo, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{stage} failed in {repo} ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return wall, reported_compute(repo, stage)
+    return wall, reported_compute(repo, stage), cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,23 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     for repo in repos:
         for stage in args.stage:
             stage_command(repo, stage)  # fail on a bad name before running anything
-    results: dict[tuple[str, Path], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, Path], list[tuple[float, float, float]]] = {}
     for round_ in range(args.rounds):
         for stage in args.stage:
             for repo in repos:
-                wall, compute = run_once(repo, stage)
-                results.setdefault((stage, repo), []).append((wall, compute))
+                wall, compute, cpu = run_once(repo, stage)
+                results.setdefault((stage, repo), []).append((wall, compute, cpu))
                 print(f"round {round_ + 1} {stage:16s} {repo}: wall {wall:6.1f} s, compute {compute:6.1f} s, "
-                      f"overhead {wall - compute:5.1f} s", file=sys.stderr, flush=True)
-    print("| stage | checkout | wall s (median) | compute s (median) | overhead s: median (min-max) |")
-    print("|---|---|---|---|---|")
+                      f"overhead {wall - compute:5.1f} s, process CPU {cpu:6.1f} s", file=sys.stderr, flush=True)
+    # CPU seconds say more than wall seconds on a shared machine; with a tiny compute budget
+    # (a few steps, a few test rows) they are nearly all overhead.
+    print("| stage | checkout | wall s | compute s | overhead s: median (min-max) | process CPU s: median (min-max) |")
+    print("|---|---|---|---|---|---|")
     for stage in args.stage:
         for repo in repos:
             runs = results[(stage, repo)]
-            over = [w - c for w, c in runs]
-            print(f"| {stage} | {repo} | {statistics.median(w for w, _ in runs):.1f} | "
-                  f"{statistics.median(c for _, c in runs):.1f} | "
-                  f"{statistics.median(over):.1f} ({min(over):.1f}-{max(over):.1f}) |")
+            over = [w - c for w, c, _ in runs]
+            cpu = [u for _, _, u in runs]
+            print(f"| {stage} | {repo} | {statistics.median(w for w, _, _ in runs):.1f} | "
+                  f"{statistics.median(c for _, c, _ in runs):.1f} | "
+                  f"{statistics.median(over):.1f} ({min(over):.1f}-{max(over):.1f}) | "
+                  f"{statistics.median(cpu):.1f} ({min(cpu):.1f}-{max(cpu):.1f}) |")
     return 0
 
 
