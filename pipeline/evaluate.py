@@ -15,7 +15,8 @@ train_summary.json. Writes, atomically:
 - the predictions (--predictions): every test prompt's generation and its edit distance
   (the report's paired bootstrap uses them).
 
-The MLflow run opened by `train@<variant>` gets the final metrics and the adapter.
+MLflow: the metrics go onto the variant's run (opened by `train@<variant>`); this stage's own
+run, nested under it, spans the stage and holds its cost (eval_seconds) and the predictions.
 """
 
 from __future__ import annotations
@@ -125,13 +126,19 @@ def run(args, params) -> dict:
 
     if name is not None:
         run_info = json.loads((adapter / "mlflow.json").read_text())
-        tracker = Tracker(params.tracking.enabled and run_info.get("run_id") is not None,
-                          params.tracking.experiment, run_info.get("uri"))
-        tracker.start(run_name=name, tags=standard_tags(name, "evaluate"), run_id=run_info.get("run_id"))
-        tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
-        tracker.log_artifacts(str(adapter), "adapter")
+        train_run = run_info.get("run_id")
+        tracker = Tracker(params.tracking.enabled and train_run is not None, params.tracking.experiment,
+                          run_info.get("uri"))
+        # A run of its own, nested under the training run: this stage's start, end, cost and predictions...
+        tracker.start(run_name=f"{name} evaluate", tags=standard_tags(name, "evaluate"), parent_run_id=train_run)
+        tracker.log_metrics({"eval_seconds": peak.seconds, "eval_peak_memory_bytes": peak.bytes,
+                             "n_test": len(test_ex)})
         tracker.log_artifact(args.predictions, "predictions")
         tracker.end("FINISHED")
+        # ...and the variant's numbers on its training run (once: one bar per variant in the charts), so the
+        # runs table shows them next to its params.
+        tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None},
+                            run_id=train_run)
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

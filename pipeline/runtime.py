@@ -44,7 +44,14 @@ def release_free_memory() -> None:
     what model loading or LoftQ's SVDs freed before the measured section)."""
     import gc
 
+    import pipeline
+
     gc.collect()
+    if pipeline.STAGE_PROCESS:
+        # What survives (libraries, the model) lives until the stage ends: later collections
+        # need not walk it again (see pipeline/__init__.py).
+        gc.freeze()
+        gc.enable()
     try:
         import ctypes
 
@@ -164,3 +171,22 @@ def repo_root() -> "os.PathLike[str]":
         if parts[i:i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return here
+
+
+_IMPORTED_AT = time.time()
+
+
+def process_start_time() -> float:
+    """Unix time at which this process (the stage) started: /proc/self/stat's start time in
+    clock ticks after boot, set against /proc/uptime (10 ms resolution); elsewhere, the time
+    this module was imported. MLflow runs start here, so their duration is the stage's."""
+    try:
+        with open("/proc/self/stat") as handle:
+            # field 22 (starttime); the command name (field 2) may hold spaces, so split after ")"
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        started = time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+    return min(started, _IMPORTED_AT)

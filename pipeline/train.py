@@ -188,8 +188,10 @@ def run(args, params) -> dict:
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
     commit_outputs({args.curve: buf.getvalue()}, {args.adapter: write_adapter})
     tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
-    tracker.log_metrics({"train_seconds": step_seconds, "tokens_per_second": summary["tokens_per_second"],
-                         "peak_memory_bytes": peak.bytes, "trainable_params": trainable})
+    tracker.log_metrics({"train_seconds": step_seconds, "train_wall_seconds": wall,
+                         "tokens_per_second": summary["tokens_per_second"], "peak_memory_bytes": peak.bytes,
+                         "trainable_params": trainable, "adapter_bytes": summary["adapter_bytes"]})
+    tracker.log_artifacts(args.adapter, "adapter")
     tracker.end("FINISHED")
     if checkpoint is not None:
         checkpoint.clear()

@@ -162,13 +162,20 @@ def test_mlflow_holds_one_finished_run_per_variant(repo):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo['path'] / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["lora-variants"])
+    runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.stage = 'train'")
     assert sorted(runs["tags.variant"]) == ["dora", "lora", "vera"]
     assert set(runs["status"]) == {"FINISHED"}
     assert runs["metrics.phoneme_error_rate"].notna().all() and runs["metrics.eval_loss"].notna().all()
     assert set(runs["tags.dvc_exp_name"]) == {"not_a_dvc_experiment"}
     history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "loss")
     assert [m.step for m in history] == [1, 2, 3]
+    # each evaluation is a run of its own under its variant's run, and each run spans its stage:
+    # the training run ends before its evaluation starts (not after every other variant trained)
+    evals = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.stage = 'evaluate'")
+    assert sorted(evals["tags.mlflow.parentRunId"]) == sorted(runs["run_id"])
+    for _, run in runs.iterrows():
+        child = evals[evals["tags.mlflow.parentRunId"] == run["run_id"]].iloc[0]
+        assert run["start_time"] < run["end_time"] <= child["start_time"] < child["end_time"]
 
 
 def test_exp_run_variant_retrains_nothing_and_shows_its_metrics(repo):
@@ -223,7 +230,7 @@ def test_two_queued_experiments_run_in_parallel_and_both_reach_mlflow(repo):
     status = _wait_for_queue(path)
     assert "Failed" not in status, status
     mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["lora-variants"])
+    runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.stage = 'train'")
     by_exp = runs[runs["tags.dvc_exp_name"].isin(["lora-r2", "dora-r2"])]
     assert sorted(by_exp["tags.variant"]) == ["dora", "lora"], runs[["tags.variant", "tags.dvc_exp_name"]]
     assert set(by_exp["status"]) == {"FINISHED"} and by_exp["metrics.eval_loss"].notna().all()

@@ -257,7 +257,7 @@ def test_nan_loss_stops_at_once_and_fails_the_mlflow_run(workspace, monkeypatch)
     assert not (workspace / "models/adapters/lora").exists()
     assert not (workspace / "reports/curves/lora.csv").exists()
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.variant = 'lora'")
+    runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.variant = 'lora' and tags.stage = 'train'")
     assert list(runs["status"])[:1] == ["FAILED"]
 
 

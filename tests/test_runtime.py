@@ -35,3 +35,26 @@ def test_resident_weights_are_not_counted_as_growth(tmp_path):
     assert paged_in > 0.5 * weights, (paged_in, weights)
     # with `resident` the growth is the forward's own working memory, a small share of the weights
     assert measured < 0.25 * weights, (measured, weights)
+
+
+def _gc_state(argv0: str) -> list[str]:
+    """GC state in a fresh interpreter whose sys.argv[0] is `argv0` when `pipeline` is imported
+    ("-m" is what the interpreter sets while it locates `python -m pipeline.<stage>`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import gc, sys; sys.argv[0] = {argv0!r}; import pipeline; out = [gc.isenabled()]; "
+            "from pipeline.runtime import release_free_memory; release_free_memory(); "
+            "out += [gc.isenabled(), gc.get_freeze_count() > 0]; print(*out)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_a_stage_process_loads_without_cyclic_gc_and_freezes_what_it_loaded():
+    # while the libraries and the model load, no collection walks them; after the one collection
+    # before the measured section, collection is back on and the survivors are frozen
+    assert _gc_state("-m") == ["False", "True", "True"]
+    # imported elsewhere (a test session, a notebook), Python's default GC stays, nothing is frozen
+    assert _gc_state("") == ["True", "True", "False"]

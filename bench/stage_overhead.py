@@ -1,0 +1,116 @@
+"""Per-stage overhead: a stage's wall time minus the compute it reports, for one or more checkouts.
+
+Overhead is everything a stage process spends outside the work it is there for: interpreter
+start-up and imports, loading the base model and tokenizer, MLflow, writing outputs, exit.
+The compute a stage reports is read from its outputs:
+
+- train@<v>: `wall_seconds` of models/adapters/<v>/train_summary.json (training steps + validation);
+- evaluate@<v>, evaluate_base: `eval_seconds` of reports/metrics/<name>.json (eval loss + generation);
+- any other stage (compare, focus, ...): none, its whole wall time counts.
+
+Each stage runs as DVC runs it (its `cmd:` from the checkout's dvc.yaml, `${key}` filled in,
+cwd = the checkout), without DVC's own bookkeeping. Checkouts and stages are interleaved round
+by round, so background load hits them alike; the table gives the median and the range. The
+checkouts must be ready to run the stages (data/prepared, models/base, and for evaluate/compare
+the outputs of the stages before them).
+
+    python bench/stage_overhead.py --repo /tmp/before --repo . --stage train@lora --stage evaluate@lora \\
+        --stage evaluate_base --stage compare --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def stage_command(repo: Path, stage: str) -> str:
+    """The `cmd:` DVC would run for `stage` (`name` or `name@key` of a foreach stage)."""
+    name, _, key = stage.partition("@")
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    if name not in stages:
+        raise SystemExit(f"{repo}/dvc.yaml has no stage {name!r} (stages: {', '.join(stages)})")
+    entry = stages[name]
+    if "foreach" in entry:
+        if not key:
+            raise SystemExit(f"{name} is a foreach stage: name one of its items, e.g. {name}@lora")
+        entry = entry["do"]
+    cmd = " ".join(entry["cmd"].split()).replace("${key}", key)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    return re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), cmd)  # e.g. focus's ${variant}
+
+
+def reported_compute(repo: Path, stage: str) -> float:
+    name, _, key = stage.partition("@")
+    if name == "train":
+        return json.loads((repo / f"models/adapters/{key}/train_summary.json").read_text())["wall_seconds"]
+    if name in ("evaluate", "evaluate_base"):
+        label = key if name == "evaluate" else "base"
+        return json.loads((repo / f"reports/metrics/{label}.json").read_text())["eval_seconds"]
+    return 0.0
+
+
+def run_once(repo: Path, stage: str) -> tuple[float, float, float]:
+    """(wall seconds, reported compute seconds, CPU seconds of the process) of one run of the stage."""
+    cmd = stage_command(repo, stage)
+    # `python` in the command is this interpreter (the virtualenv's), as under an activated venv
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)  # the checkout's own code (cwd first on sys.path)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(cmd, shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if done.returncode != 0:
+        raise SystemExit(f"{stage} failed in {repo} ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return wall, reported_compute(repo, stage), cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", action="append", type=Path, required=True, help="a checkout (repeatable)")
+    parser.add_argument("--stage", action="append", required=True, help="e.g. train@lora, evaluate_base (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    repos = [r.resolve() for r in args.repo]
+    for repo in repos:
+        for stage in args.stage:
+            stage_command(repo, stage)  # fail on a bad name before running anything
+    results: dict[tuple[str, Path], list[tuple[float, float, float]]] = {}
+    for round_ in range(args.rounds):
+        for stage in args.stage:
+            for repo in repos:
+                wall, compute, cpu = run_once(repo, stage)
+                results.setdefault((stage, repo), []).append((wall, compute, cpu))
+                print(f"round {round_ + 1} {stage:16s} {repo}: wall {wall:6.1f} s, compute {compute:6.1f} s, "
+                      f"overhead {wall - compute:5.1f} s, process CPU {cpu:6.1f} s", file=sys.stderr, flush=True)
+    # CPU seconds say more than wall seconds on a shared machine; with a tiny compute budget
+    # (a few steps, a few test rows) they are nearly all overhead.
+    print("| stage | checkout | wall s | compute s | overhead s: median (min-max) | process CPU s: median (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for stage in args.stage:
+        for repo in repos:
+            runs = results[(stage, repo)]
+            over = [w - c for w, c, _ in runs]
+            cpu = [u for _, _, u in runs]
+            print(f"| {stage} | {repo} | {statistics.median(w for w, _, _ in runs):.1f} | "
+                  f"{statistics.median(c for _, c, _ in runs):.1f} | "
+                  f"{statistics.median(over):.1f} ({min(over):.1f}-{max(over):.1f}) | "
+                  f"{statistics.median(cpu):.1f} ({min(cpu):.1f}-{max(cpu):.1f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""MLflow as a user sees it: the stages against a real sqlite store, one run per stage.
+
+The train stage's run holds the params, curves and (after evaluation) the quality metrics; the
+evaluate stage's run is its child; each run starts when its stage started and ends when it
+ended (a stage's start is its process's start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stage_cmds import stage_argv
+from tiny_assets import save_tiny_model, small_pipeline_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A stage-ready folder: params.yaml (one LoRA variant), models/base (tiny random Llama), data/prepared."""
+    root = tmp_path_factory.mktemp("track")
+    save_tiny_model(root / "models" / "base")
+    (root / "models" / "base" / "summary.json").write_text("{}")
+    params = small_pipeline_params(yaml.safe_load((ROOT / "params.yaml").read_text()), root / "models" / "base",
+                                   {"lora": {"preset": "lora", "r": 4, "alpha": 8}}, steps=4, checkpoint_interval=0)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from pipeline import prepare
+
+        assert prepare.main(stage_argv("prepare")) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def _stage(monkeypatch, run):
+    """Run one stage in-process as if it were its own process: (started, ended) in Unix seconds."""
+    from pipeline import tracking
+
+    started = time.time()
+    monkeypatch.setattr(tracking, "process_start_time", lambda: started, raising=False)
+    run()
+    return started, time.time()
+
+
+@pytest.fixture(scope="module")
+def tracked(workspace):
+    """train@lora then evaluate@lora, each timed; the MLflow client on the workspace's store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import evaluate, train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workspace)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        train_span = _stage(mp, lambda: train.run(*train.parse(stage_argv("train@lora"))))
+        time.sleep(0.05)  # the two stages never share a millisecond
+        eval_span = _stage(mp, lambda: evaluate.run(*evaluate.parse(stage_argv("evaluate@lora"))))
+        exported = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID") if k in os.environ}
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lora-variants").experiment_id])
+    return {"client": client, "runs": runs, "train": train_span, "evaluate": eval_span,
+            "workspace": workspace, "exported": exported}
+
+
+def _by_stage(runs, stage):
+    found = [r for r in runs if r.data.tags.get("stage") == stage]
+    assert len(found) == 1, [(r.info.run_name, r.data.tags.get("stage")) for r in runs]
+    return found[0]
+
+
+def test_each_stage_has_its_own_run_the_evaluation_nested_under_the_training(tracked):
+    runs = tracked["runs"]
+    assert len(runs) == 2
+    trained, evaluated = _by_stage(runs, "train"), _by_stage(runs, "evaluate")
+    assert trained.info.run_name == "lora" and evaluated.info.run_name == "lora evaluate"
+    assert evaluated.data.tags["mlflow.parentRunId"] == trained.info.run_id
+    assert "mlflow.parentRunId" not in trained.data.tags
+    assert {trained.data.tags["variant"], evaluated.data.tags["variant"]} == {"lora"}
+    assert trained.info.status == evaluated.info.status == "FINISHED"
+    run_id = json.loads((tracked["workspace"] / "models/adapters/lora/mlflow.json").read_text())["run_id"]
+    assert run_id == trained.info.run_id
+
+
+def test_the_stages_leave_no_process_wide_mlflow_state(tracked):
+    # the fluent API exported the store and experiment to the environment (and so to later tests)
+    assert tracked["exported"] == {}
+
+
+def test_each_run_starts_and_ends_with_its_stage(tracked):
+    trained, evaluated = _by_stage(tracked["runs"], "train"), _by_stage(tracked["runs"], "evaluate")
+    for run, (started, ended) in ((trained, tracked["train"]), (evaluated, tracked["evaluate"])):
+        assert run.info.start_time == int(started * 1000)
+        assert int(started * 1000) <= run.info.end_time <= int(ended * 1000) + 1
+    # the training run's duration is training only, not "until evaluation after every other variant"
+    assert trained.info.end_time < evaluated.info.start_time
+
+
+def test_the_training_run_shows_params_curves_and_the_variants_final_quality(tracked):
+    client = tracked["client"]
+    trained, evaluated = _by_stage(tracked["runs"], "train"), _by_stage(tracked["runs"], "evaluate")
+    assert trained.data.params["spec.r"] == "4" and trained.data.params["train.steps"] == "4"
+    assert [m.step for m in client.get_metric_history(trained.info.run_id, "loss")] == [1, 2, 3, 4]
+    metrics = json.loads((tracked["workspace"] / "reports/metrics/lora.json").read_text())
+    for key in ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params"):
+        assert trained.data.metrics[key] == pytest.approx(metrics[key]), key
+    assert trained.data.metrics["train_seconds"] > 0
+    # the evaluation's run holds what the evaluation cost; its results appear once, on the variant's run
+    # (a copy on both would draw every bar twice in the UI's charts)
+    assert evaluated.data.metrics["eval_seconds"] == pytest.approx(metrics["eval_seconds"])
+    assert evaluated.data.metrics["n_test"] == 8
+    assert not set(evaluated.data.metrics) & set(trained.data.metrics)
+    assert not evaluated.data.params  # the evaluation's inputs are its parent's
+    train_files = {f.path for f in client.list_artifacts(trained.info.run_id, "adapter")}
+    assert "adapter/adapter.safetensors" in train_files
+    assert [f.path for f in client.list_artifacts(evaluated.info.run_id)] == ["predictions"]
+
+
+def test_the_stage_start_is_the_process_start():
+    code = ("import time; t = time.time(); from pipeline.runtime import process_start_time; "
+            "print(t - process_start_time())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    # interpreter start-up happens before the first line: the process began a little earlier
+    assert 0 <= float(out.stdout) < 5, out.stdout
