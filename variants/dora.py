@@ -24,6 +24,7 @@ from torch import nn
 from .functional import dora_linear
 from .lora import LoRA, LoRALayer
 from .parts import register
+from .reference import dora_reference
 
 
 class DoRALayer(LoRALayer):
@@ -39,6 +40,9 @@ class DoRALayer(LoRALayer):
 
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:
         return dora_linear(self, x, self.adapter_input(x), self.lora_A, self.lora_B, self.magnitude, self.scale)
+
+    def reference_forward(self, x: torch.Tensor, xd: torch.Tensor | None = None) -> torch.Tensor:
+        return dora_reference(self, x, xd, self.lora_A, self.lora_B, self.magnitude, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
         w = self.base_weight()

@@ -27,6 +27,7 @@ from .core import AdapterLayer, in_out_features, module_device
 from .functional import vera_linear
 from .layer_kind import LayerKind, adapter_kwargs
 from .parts import Option, register
+from .reference import vera_reference
 
 PROJECTIONS_ATTR = "vera_projections"
 
@@ -72,6 +73,11 @@ class VeRALayer(AdapterLayer):
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.sliced()
         return vera_linear(self, x, self.adapter_input(x), self.lambda_b, self.lambda_d, A, B)
+
+    def reference_forward(self, x: torch.Tensor, xd: torch.Tensor | None = None) -> torch.Tensor:
+        """The same output by plain autograd ops (tests compare the fused forward with it)."""
+        A, B = self.sliced()
+        return vera_reference(self, x, xd, self.lambda_b, self.lambda_d, A, B)
 
     def delta_weight(self) -> torch.Tensor:
         A, B = self.sliced()
