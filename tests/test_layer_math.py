@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from conftest import peft_param, peft_twin, randomize_adapter
 from torch import nn
 
 import variants
@@ -19,8 +20,6 @@ from variants import functional, reference
 from variants.dora import DoRALayer
 from variants.lora import LoRALayer
 from variants.vera import VeRALayer, VeRAProjections
-
-from conftest import peft_param, peft_twin, randomize_adapter
 
 IN, OUT, R = 13, 9, 3
 FACTORED, MERGED = (3,), (4, 10)  # token shapes: 3 tokens stay factored, 40 merge (checked below)
@@ -94,6 +93,33 @@ def test_fused_layer_equals_reference_forward_and_gradients(method, kind, tokens
     for got, want in zip(grads, grads_ref):
         assert want.abs().max() > 0
         assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("plan", [functional.FACTORED, functional.MERGED, functional.MERGED_KEPT])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_every_vera_plan_equals_reference(kind, plan, monkeypatch):
+    monkeypatch.setattr(functional, "vera_plan", lambda *args: plan)
+    layer = adapter_layer("vera", base_layer(kind))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(*MERGED, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(*MERGED, OUT, generator=gen, dtype=torch.float64)
+    fused, ref, tensors = fused_and_reference("vera", layer)
+    y, grads = outputs_and_grads(fused, x, None, tensors, g)
+    y_ref, grads_ref = outputs_and_grads(ref, x, None, tensors, g)
+    assert (y - y_ref).abs().max().item() < 1e-12
+    for got, want in zip(grads, grads_ref):
+        assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
+
+
+def test_vera_plan_on_smollm2_shapes():
+    """SmolLM2-135M, 512 tokens, r 256: attention and up/gate keep W_eff (no larger than the factored
+    path's kept products), the 1536-wide down projection stays factored, generation is factored."""
+    T, r = 512, 256
+    assert functional.vera_plan(T, 576, 576, r, True) == functional.MERGED_KEPT
+    assert functional.vera_plan(T, 576, 192, r, True) == functional.MERGED_KEPT
+    assert functional.vera_plan(T, 576, 1536, r, True) == functional.MERGED_KEPT
+    assert functional.vera_plan(T, 1536, 576, r, True) == functional.FACTORED
+    assert functional.vera_plan(1, 576, 576, r, False) == functional.FACTORED
 
 
 def test_the_token_counts_take_both_paths():

@@ -19,6 +19,13 @@ Equations (PyTorch layout, W0 is (out, in); shared/VARIANTS.md):
         with dropout, as PEFT:             y = x W0ᵀ + b + (m/n) ⊙ (drop(x) Vᵀ) − drop(x) W0ᵀ
   VeRA  (Kopiczko et al. 2024, 2310.11454): y = x W0ᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) Aᵀ)) Bᵀ)
 
+Over a half-precision base the adapter path computes in float32 by default (the layer's
+`adapter_compute_dtype`, PEFT's autocast_adapter_dtype): the base GEMM stays in the base's
+dtype, x is cast up for the low-rank path, the two outputs are added in float32 and the sum
+rounded once. Those calls always take the factored order (a merged W_eff in bf16 would round
+ΔW to bf16). `reference.py` writes each forward as a few plain autograd lines; the tests
+compare outputs and gradients of these fused functions against them.
+
 The base weight is read through `layer.base_weight_native()` in forward and read again in
 backward rather than saved, so a quantized base stays quantized between the two passes,
 and no (out x in) matrix per layer is kept alive for backward: W_eff is rebuilt (cost
@@ -307,31 +314,54 @@ def _vera_merged_native(w, lb, ld, A, B, fifo, out=None):
     return lowrank_native(w, A, B * ld * lb.unsqueeze(1), 1.0, fifo, out=out)
 
 
+FACTORED, MERGED, MERGED_KEPT = "factored", "merged", "merged_kept"
+
+
+def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_backward: bool) -> str:
+    """How a VeRA layer evaluates one call; costs in multiply-adds beyond the base GEMMs, divided by r.
+
+    factored     y = y0 + λ_b ⊙ ((λ_d ⊙ x Aᵀ) Bᵀ), keeping x Aᵀ and (λ_d ⊙ x Aᵀ) Bᵀ for backward as
+                 PEFT's autograd does: forward T·(in+out), backward T·(in+out) (∂λ from the kept products,
+                 ∂x = ((g ⊙ λ_b) B ⊙ λ_d) A).
+    merged_kept  W_eff = W0 + Λ_b B Λ_d A (out·in) kept for ∂x = g W_eff; backward forms H = gᵀ (x Aᵀ)
+                 for ∂λ (T·(in+out)). Only where W_eff is no larger than what `factored` keeps, T·(r+out).
+    merged       the same, W_eff rebuilt in backward instead of kept (out·in more).
+    """
+    if not with_backward:
+        return MERGED if out_features * in_features < tokens * (in_features + out_features) else FACTORED
+    costs = {FACTORED: 2 * tokens * (in_features + out_features),
+             MERGED: 2 * out_features * in_features + tokens * (in_features + out_features)}
+    if out_features * in_features <= tokens * (rank + out_features):
+        costs[MERGED_KEPT] = out_features * in_features + tokens * (in_features + out_features)
+    return min(costs, key=costs.get)
+
+
 class _VeRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, merged, cdt):
+    def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, plan, cdt):
         fifo = layer.fan_in_fan_out
         w = layer.base_weight_native()
         bias = layer.base_bias()
         x2 = _flat(x)
         xd2 = x2 if xd is None else _flat(xd)
         lb, ld, A_, B_ = _as(lam_b, cdt), _as(lam_d, cdt), _as(A, cdt), _as(B, cdt)
-        kept = None
-        if merged:
-            keep = keep_merged_weight(x2.shape[0], layer.in_features, layer.out_features, A.shape[0])
+        kept = xa = p = None
+        if plan == FACTORED:
+            xa = torch.mm(_as(xd2, cdt), A_.t())
+            p = torch.mm(xa * ld, B_.t())
+            y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(p, lb).to(x.dtype)
+        else:
+            keep = plan == MERGED_KEPT
             w_eff = _vera_merged_native(w, lb, ld, A_, B_, fifo, out=None if keep else scratch(0, _weight_shape(layer), w))
             kept = w_eff if keep else None
             y = linear_native(x2, w_eff, bias, fifo)
-        else:
-            u = torch.mm(_as(xd2, cdt), A_.t()).mul_(ld)
-            y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(torch.mm(u, B_.t()), lb).to(x.dtype)
-        ctx.save_for_backward(xd2, lam_b, lam_d, A, B, kept)
-        ctx.layer, ctx.merged, ctx.shared, ctx.cdt = layer, merged, xd is None, cdt
+        ctx.save_for_backward(xd2 if xa is None else None, lam_b, lam_d, A, B, kept, xa, p)
+        ctx.layer, ctx.plan, ctx.shared, ctx.cdt = layer, plan, xd is None, cdt
         return _unflat(y, x)
 
     @staticmethod
     def backward(ctx, gy):
-        xd2, lam_b, lam_d, A, B, kept = ctx.saved_tensors
+        xd2, lam_b, lam_d, A, B, kept, xa, p = ctx.saved_tensors
         need_x, need_xd, need_lb, need_ld = ctx.needs_input_grad[:4]
         layer, cdt = ctx.layer, ctx.cdt
         fifo = layer.fan_in_fan_out
@@ -339,37 +369,41 @@ class _VeRALinear(torch.autograd.Function):
         gc = _as(g2, cdt)
         lb, ld, A_, B_ = _as(lam_b, cdt), _as(lam_d, cdt), _as(A, cdt), _as(B, cdt)
         gx = gxd = glb = gld = None
+        if ctx.plan == FACTORED:
+            # y = y0 + λ_b ⊙ p,  p = (λ_d ⊙ xa) Bᵀ,  xa = x Aᵀ
+            gv = torch.mm(gc * lb, B_)  # ∂L/∂(λ_d ⊙ xa)
+            if need_lb:
+                glb = _as(torch.linalg.vecdot(gc, p, dim=0), lam_b.dtype)
+            if need_ld:
+                gld = _as(torch.linalg.vecdot(gv, xa, dim=0), lam_d.dtype)
+            if need_x or need_xd:
+                adapter_grad = torch.mm(gv.mul_(ld), A_)
+                if need_x:
+                    gx = grad_input_native(g2, layer.base_weight_native(), fifo)
+                    if ctx.shared:
+                        gx.add_(_as(adapter_grad, gx.dtype))
+                    gx = _unflat(gx, gy)
+                if need_xd:
+                    gxd = _unflat(_as(adapter_grad, gy.dtype), gy)
+            return gx, gxd, glb, gld, None, None, None, None, None
         tokens, out_f, in_f, r = g2.shape[0], B_.shape[0], A_.shape[1], A_.shape[0]
         if need_lb or need_ld:
-            xdc = _as(xd2, cdt)
             # Both gradients come from H = gᵀ x Aᵀ (out x r):
             #   ∂L/∂λ_b[o] = Σ_k H[o,k] B[o,k] λ_d[k],    ∂L/∂λ_d[k] = Σ_o H[o,k] B[o,k] λ_b[o].
             # H = gᵀ (x Aᵀ) costs T·r·(in+out), H = (gᵀ x) Aᵀ costs T·out·in + out·in·r: take the cheaper.
             if tokens * r * (in_f + out_f) <= out_f * in_f * (tokens + r):
-                h = torch.mm(torch.mm(A_, xdc.t()), gc).t()
+                h = torch.mm(torch.mm(A_, xd2.t()), gc).t()
             else:
-                h = torch.mm(torch.mm(gc.t(), xdc, out=scratch(1, (out_f, in_f), gc)), A_.t())
+                h = torch.mm(torch.mm(gc.t(), xd2, out=scratch(1, (out_f, in_f), gc)), A_.t())
             hb = h * B_
             if need_lb:
-                glb = _as(torch.mv(hb, ld), lam_b.dtype)
+                glb = _as(hb @ ld, lam_b.dtype)
             if need_ld:
-                gld = _as(torch.mv(hb.t(), lb), lam_d.dtype)
-        if need_x or need_xd:
-            w = layer.base_weight_native()
-            if ctx.shared and ctx.merged:
-                w_eff = kept if kept is not None else _vera_merged_native(
-                    w, lb, ld, A_, B_, fifo, out=scratch(0, _weight_shape(layer), w))
-                gx = grad_input_native(g2, w_eff, fifo)
-            else:
-                adapter_grad = torch.mm(torch.mm(gc * lb, B_).mul_(ld), A_)
-                if need_x:
-                    gx = grad_input_native(g2, w, fifo)
-                    if ctx.shared:
-                        gx.add_(_as(adapter_grad, gx.dtype))
-                if need_xd:
-                    gxd = _unflat(_as(adapter_grad, gy.dtype), gy)
-            if gx is not None:
-                gx = _unflat(gx, gy)
+                gld = _as(lb @ hb, lam_d.dtype)
+        if need_x:
+            w_eff = kept if kept is not None else _vera_merged_native(
+                layer.base_weight_native(), lb, ld, A_, B_, fifo, out=scratch(0, _weight_shape(layer), g2))
+            gx = _unflat(grad_input_native(g2, w_eff, fifo), gy)
         return gx, gxd, glb, gld, None, None, None, None, None
 
 
@@ -377,7 +411,8 @@ def vera_linear(layer, x, xd, lam_b, lam_d, A, B) -> torch.Tensor:
     """VeRA forward; A (r, in) and B (out, r) are the layer's slices of the shared projections
     (reference: `reference.vera_reference`)."""
     cdt = layer.adapter_compute_dtype(x.dtype)
-    tokens = x.numel() // x.shape[-1]
-    merged = xd is None and cdt == x.dtype and merged_is_cheaper(
-        tokens, layer.in_features, layer.out_features, _needs_graph(x, lam_b, lam_d))
-    return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, merged, cdt)
+    plan = FACTORED
+    if xd is None and cdt == x.dtype:  # a merged W_eff in x's dtype would round ΔW to it
+        tokens = x.numel() // x.shape[-1]
+        plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], _needs_graph(x, lam_b, lam_d))
+    return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, plan, cdt)
