@@ -239,3 +239,16 @@ def test_adapter_dtype_option_reaches_every_layer_and_is_checked():
     assert {layer.base_weight().dtype for layer in adapted.layers.values()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="adapter_dtype.*'bfloat16'"):
         variants.get("lora", adapter_dtype="bfloat16")
+
+
+def test_vera_projected_input_is_shared_only_while_its_operands_are_unchanged():
+    A = torch.randn(4, 13, dtype=torch.float64)
+    x = torch.randn(6, 13, dtype=torch.float64)
+    first = functional.projected_input(A[:, :13], x)
+    assert functional.projected_input(A[:, :13], x) is first  # q/k/v reading the same input
+    assert torch.equal(first, A @ x.t())
+    with torch.no_grad():
+        x.mul_(2.0)  # an in-place change bumps the version: recomputed
+    again = functional.projected_input(A[:, :13], x)
+    assert again is not first and torch.equal(again, A @ x.t())
+    assert functional.projected_input(A[:, :12], x[:, :12]) is not again  # another slice, another layout

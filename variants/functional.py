@@ -336,6 +336,21 @@ def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_
     return min(costs, key=costs.get)
 
 
+def projected_input(A_: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """A xᵀ (r x T) for VeRA. Layers that read the same input through the same slice of the shared
+    A (q/k/v, gate/up) get it computed once: the last product is kept per thread, keyed by both
+    operands' address, layout, dtype and version counter; the entry holds both operands, so their
+    memory cannot be reused by another tensor while it is kept. The result must not be modified."""
+    key = (x2.data_ptr(), x2.shape, x2.stride(), x2.dtype, x2._version,
+           A_.data_ptr(), A_.shape, A_.stride(), A_.dtype, A_._version)
+    last = getattr(_SCRATCH, "projected", None)
+    if last is not None and last[0] == key:
+        return last[3]
+    xa_t = torch.mm(A_, x2.t())
+    _SCRATCH.projected = (key, x2, A_, xa_t)
+    return xa_t
+
+
 class _VeRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, plan, cdt):
@@ -347,7 +362,7 @@ class _VeRALinear(torch.autograd.Function):
         lb, ld, A_, B_ = _as(lam_b, cdt), _as(lam_d, cdt), _as(A, cdt), _as(B, cdt)
         kept = xa = p = None
         if plan == FACTORED:
-            xa = torch.mm(_as(xd2, cdt), A_.t())
+            xa = projected_input(A_, _as(xd2, cdt)).t()
             p = torch.mm(xa * ld, B_.t())
             y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(p, lb).to(x.dtype)
         else:
@@ -392,7 +407,7 @@ class _VeRALinear(torch.autograd.Function):
             #   ∂L/∂λ_b[o] = Σ_k H[o,k] B[o,k] λ_d[k],    ∂L/∂λ_d[k] = Σ_o H[o,k] B[o,k] λ_b[o].
             # H = gᵀ (x Aᵀ) costs T·r·(in+out), H = (gᵀ x) Aᵀ costs T·out·in + out·in·r: take the cheaper.
             if tokens * r * (in_f + out_f) <= out_f * in_f * (tokens + r):
-                h = torch.mm(torch.mm(A_, xd2.t()), gc).t()
+                h = torch.mm(projected_input(A_, xd2), gc).t()
             else:
                 h = torch.mm(torch.mm(gc.t(), xd2, out=scratch(1, (out_f, in_f), gc)), A_.t())
             hb = h * B_
