@@ -305,6 +305,7 @@ def main() -> None:
     parser.add_argument("--smollm2-rounds", type=int, default=6)
     parser.add_argument("--smollm2-batch", default="8x64", help="BATCHxLENGTH for SmolLM2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-init-times", action="store_true", help="skip the LoftQ initialisation timings")
     parser.add_argument("--adapter-dtype-cost", action="store_true",
                         help="instead: on a bf16 base, lora/dora/vera with adapter_dtype float32 vs base (and PEFT)")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
@@ -345,19 +346,23 @@ def main() -> None:
             base = tiny_llama()
             rows += measure("tiny Llama h256 L4", base, make_batch(8192, 8, 128), names, args.rounds, args.warmup,
                             pairwise=False)
-            init_tables.append(loftq_init_times(base, "tiny Llama h256 L4"))
+            if not args.no_init_times:
+                init_tables.append(loftq_init_times(base, "tiny Llama h256 L4"))
         elif model_name == "smollm2":
             base = smollm2()
             b, length = (int(v) for v in args.smollm2_batch.split("x"))
             rows += measure("SmolLM2-135M", base, make_batch(base.config.vocab_size, b, length), names,
                             args.smollm2_rounds, args.warmup, pairwise=True)
-            init_tables.append(loftq_init_times(base, "SmolLM2-135M", repeats=1))
+            if not args.no_init_times:
+                init_tables.append(loftq_init_times(base, "SmolLM2-135M", repeats=1))
         else:
             parser.error(f"unknown model {model_name!r} (known: tiny, smollm2)")
         del base
         gc.collect()
-    text = table(rows) + "\n\nLoftQ initialisation on CPU (build time of the whole adapter, quantization included):\n\n" + \
-        "\n\n".join(init_tables)
+    text = table(rows)
+    if init_tables:
+        text += "\n\nLoftQ initialisation on CPU (build time of the whole adapter, quantization included):\n\n" + \
+            "\n\n".join(init_tables)
     print("\n" + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

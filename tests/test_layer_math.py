@@ -42,7 +42,8 @@ def adapter_layer(method: str, base: nn.Module) -> nn.Module:
     elif method == "dora":
         layer = DoRALayer(base, R, scale=1.7, dropout=0.0)
     else:
-        layer = VeRALayer(base, VeRAProjections(R, IN + 2, OUT + 1, key=3).to(torch.float64), R, 0.1, 0.0)
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        layer = VeRALayer(base, VeRAProjections(R, IN + 2, OUT + 1, key=3).to(dtype), R, 0.1, 0.0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for t in layer.adapter_state().values():
@@ -222,6 +223,41 @@ def test_float32_adapter_dtype_on_bf16_base_is_as_accurate_as_peft(method):
     low_rank = [k for k in err["peft"] if k != "magnitude"]
     assert max(err["peft"][k] for k in low_rank) < 1e-5, err
     assert all(err["base"][k] > 1e-4 and err["base"][k] > 100 * err["float32"][k] for k in low_rank), err
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_float32_adapter_math_on_bf16_layer_against_float64_reference(method, kind, dropout):
+    """Every fused path with a bf16 base and float32 adapter tensors: the adapter gradients carry
+    float32 rounding only (DoRA's magnitude without dropout: the bf16 base GEMM's), y and ∂x bf16's."""
+    layer = adapter_layer(method, base_layer(kind, torch.bfloat16))
+    assert layer.adapter_dtype == "float32" and all(t.dtype == torch.float32 for t in layer.adapter_state().values())
+    twin = copy.deepcopy(layer).double()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(*MERGED, IN, generator=gen).to(torch.bfloat16)
+    g = torch.randn(*MERGED, OUT, generator=gen).to(torch.bfloat16)
+    xd = (x * (torch.rand(x.shape, generator=gen) > 0.3) * 2).to(torch.bfloat16) if dropout else None
+    fused, _, tensors = fused_and_reference(method, layer)
+    _, ref, ref_tensors = fused_and_reference(method, twin)
+    if method == "vera":
+        A, B = (t.double() for t in layer.sliced())
+        ref = lambda x, xd, *t: reference.vera_reference(twin, x, xd, *t, A, B)  # noqa: E731
+    y, grads = outputs_and_grads(fused, x, xd, tensors, g)
+    y_ref, grads_ref = outputs_and_grads(ref, x.double(), None if xd is None else xd.double(), ref_tensors, g.double())
+    assert y.dtype == torch.bfloat16
+
+    def rel(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    assert rel(y, y_ref) < 1e-2
+    n_inputs = 1 if xd is None else 2
+    for got, want in zip(grads[:n_inputs], grads_ref[:n_inputs]):
+        assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
+    for i, (got, want) in enumerate(zip(grads[n_inputs:], grads_ref[n_inputs:])):
+        assert got.dtype == torch.float32
+        bf16_base_term = method == "dora" and not dropout and i == 2
+        assert rel(got, want) < (1e-2 if bf16_base_term else 1e-5), (i, rel(got, want))
 
 
 def test_adapter_dtype_option_reaches_every_layer_and_is_checked():
