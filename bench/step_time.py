@@ -216,11 +216,15 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
                 runner.run(record=False)
                 runner.run(record=i >= warmup)
             print(f"\r  {', '.join(group)}: round {i + 1}/{warmup + rounds}", end="", flush=True)
+            if i >= warmup and len(group) == 1 and len(runners) == 3:  # ours/PEFT of this round, as it comes
+                print(f"  ours/PEFT {runners[1].times[-1] / runners[2].times[-1]:.3f}", end="", flush=True)
         print(flush=True)
         by_label = {r.label: r for r in runners}
         for name in group:
             ours = by_label[f"ours {name}"]
             theirs = by_label.get(f"peft {name}")
+            if theirs is not None:
+                print(f"  {name}: per-round ours/PEFT " + " ".join(f"{a / b:.3f}" for a, b in zip(ours.times, theirs.times)))
             rows.append({
                 "model": title, "variant": name, "ours_ms": ours.median_ms,
                 "peft_ms": theirs.median_ms if theirs else None, "floor_ms": floor.median_ms,
