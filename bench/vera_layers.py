@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from variants.vera import VeRALayer, VeRAProjections  # noqa: E402
+from variants.vera import VeRALayer, VeRAProjections
 
 GROUPS = {"q/k/v": [(576, 576), (576, 192), (576, 192)], "o": [(576, 576)],
           "gate/up": [(576, 1536), (576, 1536)], "down": [(1536, 576)]}
@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     projections = VeRAProjections(args.r, 1536, 1536, key=0)
-    print(f"| layers | ours ms | PEFT ms | floor ms | ours/PEFT median (min–max) |\n|---|---:|---:|---:|---:|")
+    print("| layers | ours ms | PEFT ms | floor ms | ours/PEFT median (min–max) |\n|---|---:|---:|---:|---:|")
     totals = dict.fromkeys(("ours", "peft", "floor"), 0.0)
     for name, shapes in GROUPS.items():
         layers = []
