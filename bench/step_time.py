@@ -10,6 +10,8 @@ time, and each ratio as the median over rounds of the two times measured in the 
     python bench/step_time.py                       # tiny Llama + SmolLM2-135M
     python bench/step_time.py --models tiny --rounds 30
     python bench/step_time.py --out bench/results.md
+    python bench/step_time.py --models smollm2 --variants vera --smollm2-rounds 15
+    python bench/step_time.py --adapter-dtype-cost --models tiny --rounds 10   # bf16 base: float32 vs base adapter math
 
 Targets (issue 2): ours/PEFT <= 0.95 for every variant (DoRA and VeRA <= 0.8) and
 LoRA/floor <= 1.15 on SmolLM2. Delta-LoRA and SoRA have no PEFT implementation (ours/floor
@@ -64,14 +66,20 @@ def paired_ratio(a: Runner, b: Runner) -> float:
     return statistics.median(x / y for x, y in zip(a.times, b.times))
 
 
-def spec_for(name: str) -> variants.AdapterSpec:
+def paired_spread(a: Runner, b: Runner) -> tuple[float, float]:
+    """(min, max) over rounds of the same-round ratio a / b."""
+    ratios = [x / y for x, y in zip(a.times, b.times)]
+    return min(ratios), max(ratios)
+
+
+def spec_for(name: str, **options) -> variants.AdapterSpec:
     args = {"r": VERA_R} if name == "vera" else ADALORA if name == "adalora" else {"r": R, "alpha": ALPHA}
-    return variants.get(name, target_modules="all-linear", **args)
+    return variants.get(name, target_modules="all-linear", **args, **options)
 
 
-def ours_runner(name: str, base, batch) -> Runner:
+def ours_runner(name: str, base, batch, label: str | None = None, **options) -> Runner:
     model = copy.deepcopy(base)
-    adapted = variants.build(model, spec_for(name))
+    adapted = variants.build(model, spec_for(name, **options))
     model.train()
     opt = adapted.optimizer(LR)
     state = {"step": 0}
@@ -81,12 +89,12 @@ def ours_runner(name: str, base, batch) -> Runner:
         loss = model(**batch).loss
         extra = adapted.extra_loss(state["step"])
         (loss if extra is None else loss + extra).backward()
-        adapted.before_optimizer_step(state["step"])
+        adapted.before_optimizer_step(state["step"], opt)
         opt.step()
-        adapted.after_optimizer_step(state["step"])
+        adapted.after_optimizer_step(state["step"], opt)
         state["step"] += 1
 
-    return Runner(f"ours {name}", step)
+    return Runner(label or f"ours {name}", step)
 
 
 def bnb_4bit_copy(base):
@@ -208,21 +216,58 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
                 runner.run(record=False)
                 runner.run(record=i >= warmup)
             print(f"\r  {', '.join(group)}: round {i + 1}/{warmup + rounds}", end="", flush=True)
+            if i >= warmup and len(group) == 1 and len(runners) == 3:  # ours/PEFT of this round, as it comes
+                print(f"  ours/PEFT {runners[1].times[-1] / runners[2].times[-1]:.3f}", end="", flush=True)
         print(flush=True)
         by_label = {r.label: r for r in runners}
         for name in group:
             ours = by_label[f"ours {name}"]
             theirs = by_label.get(f"peft {name}")
+            if theirs is not None:
+                print(f"  {name}: per-round ours/PEFT " + " ".join(f"{a / b:.3f}" for a, b in zip(ours.times, theirs.times)))
             rows.append({
                 "model": title, "variant": name, "ours_ms": ours.median_ms,
                 "peft_ms": theirs.median_ms if theirs else None, "floor_ms": floor.median_ms,
                 "ours_over_peft": paired_ratio(ours, theirs) if theirs else None,
+                "ours_over_peft_range": paired_spread(ours, theirs) if theirs else None,
                 "ours_over_floor": paired_ratio(ours, floor),
                 "peft_over_floor": paired_ratio(theirs, floor) if theirs else None,
             })
         del runners, by_label, floor
         gc.collect()
     return rows
+
+
+def ratio_text(a: Runner, b: Runner) -> str:
+    low, high = paired_spread(a, b)
+    return f"{paired_ratio(a, b):.3f} ({low:.3f}–{high:.3f})"
+
+
+def adapter_dtype_cost(title: str, base, batch, names: list[str], rounds: int, warmup: int) -> str:
+    """Step time on a bfloat16 base of the adapter math in float32 (default, as PEFT) against bf16
+    (`adapter_dtype=base`), and PEFT's (float32 adapters), interleaved round by round."""
+    base = copy.deepcopy(base).to(torch.bfloat16)
+    lines = [(f"Adapter compute dtype on a bfloat16 base ({title}, batch {tuple(batch['input_ids'].shape)}, "
+              f"{rounds} rounds): paired ratios, median (min–max)"), "",
+             "| variant | float32 ms | base (bf16) ms | PEFT ms | float32 / bf16 | float32 / PEFT |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        f32 = ours_runner(name, base, batch, label="float32", adapter_dtype="float32")
+        b16 = ours_runner(name, base, batch, label="base", adapter_dtype="base")
+        theirs = peft_runner(name, base, batch)
+        runners = [r for r in (f32, b16, theirs) if r is not None]
+        for i in range(warmup + rounds):
+            for runner in runners:
+                runner.run(record=False)
+                runner.run(record=i >= warmup)
+            print(f"\r  {name} bf16: round {i + 1}/{warmup + rounds}", end="", flush=True)
+        print(flush=True)
+        lines.append(f"| {name} | {f32.median_ms:.1f} | {b16.median_ms:.1f} | "
+                     f"{theirs.median_ms if theirs else float('nan'):.1f} | {ratio_text(f32, b16)} | "
+                     f"{ratio_text(f32, theirs) if theirs else '—'} |")
+        del runners, f32, b16, theirs
+        gc.collect()
+    return "\n".join(lines)
 
 
 def loftq_init_times(base, label: str, repeats: int = 2) -> str:
@@ -242,14 +287,15 @@ def loftq_init_times(base, label: str, repeats: int = 2) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | variant | ours ms | PEFT ms | floor ms | ours/PEFT | target | ours/floor | PEFT/floor |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | variant | ours ms | PEFT ms | floor ms | ours/PEFT | min–max | target | ours/floor | PEFT/floor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         target = TARGETS.get(r["variant"], 0.95) if r["peft_ms"] else None
         ok = "" if target is None else (" ✓" if r["ours_over_peft"] <= target else " ✗")
         fmt = lambda v, p=1: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
+        spread = "—" if r["ours_over_peft_range"] is None else "–".join(f"{v:.3f}" for v in r["ours_over_peft_range"])
         lines.append(f"| {r['model']} | {r['variant']} | {fmt(r['ours_ms'])} | {fmt(r['peft_ms'])} | "
-                     f"{fmt(r['floor_ms'])} | {fmt(r['ours_over_peft'], 3)}{ok} | {fmt(target, 2)} | "
+                     f"{fmt(r['floor_ms'])} | {fmt(r['ours_over_peft'], 3)}{ok} | {spread} | {fmt(target, 2)} | "
                      f"{fmt(r['ours_over_floor'], 3)} | {fmt(r['peft_over_floor'], 3)} |")
     return "\n".join(lines)
 
@@ -263,6 +309,9 @@ def main() -> None:
     parser.add_argument("--smollm2-rounds", type=int, default=6)
     parser.add_argument("--smollm2-batch", default="8x64", help="BATCHxLENGTH for SmolLM2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-init-times", action="store_true", help="skip the LoftQ initialisation timings")
+    parser.add_argument("--adapter-dtype-cost", action="store_true",
+                        help="instead: on a bf16 base, lora/dora/vera with adapter_dtype float32 vs base (and PEFT)")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -273,6 +322,27 @@ def main() -> None:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    if args.adapter_dtype_cost:
+        tables = []
+        for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            if model_name == "tiny":
+                tables.append(adapter_dtype_cost("tiny Llama h256 L4", tiny_llama(), make_batch(8192, 8, 128),
+                                                 [n for n in names if n in ("lora", "dora", "vera")], args.rounds,
+                                                 args.warmup))
+            elif model_name == "smollm2":
+                base = smollm2()
+                b, length = (int(v) for v in args.smollm2_batch.split("x"))
+                tables.append(adapter_dtype_cost("SmolLM2-135M", base, make_batch(base.config.vocab_size, b, length),
+                                                 [n for n in names if n in ("lora", "dora", "vera")],
+                                                 args.smollm2_rounds, args.warmup))
+            else:
+                parser.error(f"unknown model {model_name!r} (known: tiny, smollm2)")
+        text = "\n\n".join(tables)
+        print("\n" + text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(f"# Adapter dtype cost ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads)\n\n{text}\n")
+        return
     rows = []
     init_tables = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -280,19 +350,23 @@ def main() -> None:
             base = tiny_llama()
             rows += measure("tiny Llama h256 L4", base, make_batch(8192, 8, 128), names, args.rounds, args.warmup,
                             pairwise=False)
-            init_tables.append(loftq_init_times(base, "tiny Llama h256 L4"))
+            if not args.no_init_times:
+                init_tables.append(loftq_init_times(base, "tiny Llama h256 L4"))
         elif model_name == "smollm2":
             base = smollm2()
             b, length = (int(v) for v in args.smollm2_batch.split("x"))
             rows += measure("SmolLM2-135M", base, make_batch(base.config.vocab_size, b, length), names,
                             args.smollm2_rounds, args.warmup, pairwise=True)
-            init_tables.append(loftq_init_times(base, "SmolLM2-135M", repeats=1))
+            if not args.no_init_times:
+                init_tables.append(loftq_init_times(base, "SmolLM2-135M", repeats=1))
         else:
             parser.error(f"unknown model {model_name!r} (known: tiny, smollm2)")
         del base
         gc.collect()
-    text = table(rows) + "\n\nLoftQ initialisation on CPU (build time of the whole adapter, quantization included):\n\n" + \
-        "\n\n".join(init_tables)
+    text = table(rows)
+    if init_tables:
+        text += "\n\nLoftQ initialisation on CPU (build time of the whole adapter, quantization included):\n\n" + \
+            "\n\n".join(init_tables)
     print("\n" + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,11 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_parameters: ClassVar[tuple[str, ...]] = ()
+    # The dtype the adapter path computes in (the layer kind's `adapter_dtype` option):
+    # "float32" runs it in at least float32 over a half-precision base, as PEFT's
+    # autocast_adapter_dtype does (x cast up, the adapter's output added in float32, the sum
+    # cast back); "base" runs it in the input's dtype (the adapter tensors cast down).
+    adapter_dtype: str = "float32"
 
     def __init__(self, base_layer: nn.Module, dropout: float):
         super().__init__()
@@ -108,6 +113,12 @@ class AdapterLayer(nn.Module):
 
     def base_bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
+
+    def adapter_compute_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the adapter path for an input of `input_dtype` (see `adapter_dtype`)."""
+        if self.adapter_dtype == "base":
+            return input_dtype
+        return torch.promote_types(input_dtype, torch.float32)
 
     def to_native(self, weight_out_in: torch.Tensor) -> torch.Tensor:
         """An (out, in) matrix in the base module's layout."""

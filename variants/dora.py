@@ -24,6 +24,7 @@ from torch import nn
 from .functional import dora_linear
 from .lora import LoRA, LoRALayer
 from .parts import register
+from .reference import dora_reference
 
 
 class DoRALayer(LoRALayer):
@@ -39,6 +40,9 @@ class DoRALayer(LoRALayer):
 
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:
         return dora_linear(self, x, self.adapter_input(x), self.lora_A, self.lora_B, self.magnitude, self.scale)
+
+    def reference_forward(self, x: torch.Tensor, xd: torch.Tensor | None = None) -> torch.Tensor:
+        return dora_reference(self, x, xd, self.lora_A, self.lora_B, self.magnitude, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
         w = self.base_weight()
@@ -59,7 +63,6 @@ class DoRA(LoRA):
     name = "dora"
     idea = "magnitude/direction split, LoRA on the direction"
     idea_zh = "权重分解为幅度和方向，LoRA 只更新方向"
-    peft_names = {**LoRA.peft_names, "magnitude": "lora_magnitude_vector"}
     update_is_s_ba = False  # the magnitude and the row norm sit on top of s·BA
 
     def create(self, name: str, base_layer: nn.Module) -> DoRALayer:

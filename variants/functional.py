@@ -19,6 +19,13 @@ Equations (PyTorch layout, W0 is (out, in); shared/VARIANTS.md):
         with dropout, as PEFT:             y = x W0ᵀ + b + (m/n) ⊙ (drop(x) Vᵀ) − drop(x) W0ᵀ
   VeRA  (Kopiczko et al. 2024, 2310.11454): y = x W0ᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) Aᵀ)) Bᵀ)
 
+Over a half-precision base the adapter path computes in float32 by default (the layer's
+`adapter_compute_dtype`, PEFT's autocast_adapter_dtype): the base GEMM stays in the base's
+dtype, x is cast up for the low-rank path, the two outputs are added in float32 and the sum
+rounded once. Those calls always take the factored order (a merged W_eff in bf16 would round
+ΔW to bf16). `reference.py` writes each forward as a few plain autograd lines; the tests
+compare outputs and gradients of these fused functions against them.
+
 The base weight is read through `layer.base_weight_native()` in forward and read again in
 backward rather than saved, so a quantized base stays quantized between the two passes,
 and no (out x in) matrix per layer is kept alive for backward: W_eff is rebuilt (cost
@@ -123,41 +130,46 @@ def _weight_shape(layer) -> tuple[int, int]:
 # ----- LoRA ------------------------------------------------------------------------------------------
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xd, A, B, scale, layer, merged):
+    def forward(ctx, x, xd, A, B, scale, layer, merged, cdt):
         fifo = layer.fan_in_fan_out
         w = layer.base_weight_native()
         bias = layer.base_bias()
         x2 = _flat(x)
         xd2 = x2 if xd is None else _flat(xd)
-        A_, B_ = _as(A, x.dtype), _as(B, x.dtype)
+        A_, B_ = _as(A, cdt), _as(B, cdt)
         # (x Aᵀ)ᵀ = A xᵀ, computed as an (r x T) product: GEMMs with a skinny *first* operand
         # run ~2x faster on CPU BLAS than with a skinny output width, here and for ∂L/∂B below.
-        xa_t = torch.mm(A_, xd2.t())
+        xa_t = torch.mm(A_, _as(xd2, cdt).t())
         if merged:
             w_eff = lowrank_native(w, A_, B_, scale, fifo, out=scratch(0, _weight_shape(layer), w))
             y = linear_native(x2, w_eff, bias, fifo)
-        else:
+        elif cdt == x.dtype:
             # in place: an out-of-place addmm would first copy the whole (T x out) output
             y = linear_native(x2, w, bias, fifo).addmm_(xa_t.t(), B_.t(), alpha=scale)
+        else:
+            # half-precision base, float32 adapter (PEFT's autocast_adapter_dtype): the base
+            # output is added to the adapter's in float32 and the sum rounded once
+            y = torch.addmm(_as(linear_native(x2, w, bias, fifo), cdt), xa_t.t(), B_.t(), alpha=scale).to(x.dtype)
         ctx.save_for_backward(xd2 if A.requires_grad else None, xa_t if B.requires_grad else None, A, B)
-        ctx.layer, ctx.scale, ctx.merged, ctx.shared = layer, scale, merged, xd is None
+        ctx.layer, ctx.scale, ctx.merged, ctx.shared, ctx.cdt = layer, scale, merged, xd is None, cdt
         return _unflat(y, x)
 
     @staticmethod
     def backward(ctx, gy):
         xd2, xa_t, A, B = ctx.saved_tensors
         need_x, need_xd, need_A, need_B = ctx.needs_input_grad[:4]
-        layer, s = ctx.layer, ctx.scale
+        layer, s, cdt = ctx.layer, ctx.scale, ctx.cdt
         fifo = layer.fan_in_fan_out
         g2 = _flat(gy)
-        A_, B_ = _as(A, g2.dtype), _as(B, g2.dtype)
+        gc = _as(g2, cdt)
+        A_, B_ = _as(A, cdt), _as(B, cdt)
         gx = gxd = gA = gB = None
         factored_input_grad = need_xd or (need_x and ctx.shared and not ctx.merged)
-        gb = torch.mm(g2, B_) if (need_A or factored_input_grad) else None
+        gb = torch.mm(gc, B_) if (need_A or factored_input_grad) else None
         if need_B:
-            gB = _as(torch.mm(xa_t, g2).mul_(s).t(), B.dtype)
+            gB = _as(torch.mm(xa_t, gc).mul_(s).t(), B.dtype)
         if need_A:
-            gA = _as(torch.mm(gb.t(), xd2).mul_(s), A.dtype)
+            gA = _as(torch.mm(gb.t(), _as(xd2, cdt)).mul_(s), A.dtype)
         if need_x:
             w = layer.base_weight_native()
             if ctx.shared and ctx.merged:
@@ -166,18 +178,24 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 gx = grad_input_native(g2, w, fifo)
                 if ctx.shared:
-                    gx.addmm_(gb, A_, alpha=s)
+                    if cdt == gx.dtype:
+                        gx.addmm_(gb, A_, alpha=s)
+                    else:
+                        gx.add_(torch.mm(gb, A_).mul_(s).to(gx.dtype))
             gx = _unflat(gx, gy)
         if need_xd:
-            gxd = _unflat(torch.mm(gb, A_).mul_(s), gy)
-        return gx, gxd, gA, gB, None, None, None
+            gxd = _unflat(_as(torch.mm(gb, A_).mul_(s), gy.dtype), gy)
+        return gx, gxd, gA, gB, None, None, None, None
 
 
 def lora_linear(layer, x: torch.Tensor, xd: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """y = x W0ᵀ + b + scale·(xd Aᵀ) Bᵀ, with xd = x when `xd` is None."""
+    """y = x W0ᵀ + b + scale·(xd Aᵀ) Bᵀ, with xd = x when `xd` is None (reference: `reference.lora_reference`)."""
+    cdt = layer.adapter_compute_dtype(x.dtype)
     tokens = x.numel() // x.shape[-1]
-    merged = xd is None and merged_is_cheaper(tokens, layer.in_features, layer.out_features, _needs_graph(x, A, B))
-    return _LoRALinear.apply(x, xd, A, B, scale, layer, merged)
+    # W_eff in x's dtype would round ΔW to it: merged only when the adapter computes in x's dtype
+    merged = xd is None and cdt == x.dtype and merged_is_cheaper(
+        tokens, layer.in_features, layer.out_features, _needs_graph(x, A, B))
+    return _LoRALinear.apply(x, xd, A, B, scale, layer, merged, cdt)
 
 
 # ----- DoRA ------------------------------------------------------------------------------------------
@@ -186,79 +204,108 @@ def _row_scale(v: torch.Tensor, c: torch.Tensor, fifo: bool, out: torch.Tensor |
     return torch.mul(v, c if fifo else c.unsqueeze(1), out=out)
 
 
+def _direction_native(layer, w, A_, B_, scale, fifo, slot: int = 0) -> torch.Tensor:
+    """V = W0 + s·B A in native layout and in A_'s dtype (W0 cast up into the scratch buffer if needed)."""
+    shape = _weight_shape(layer)
+    if w.dtype == A_.dtype:
+        return lowrank_native(w, A_, B_, scale, fifo, out=scratch(slot, shape, w))
+    v = scratch(slot, shape, A_).copy_(w)
+    return v.addmm_(A_.t(), B_.t(), alpha=scale) if fifo else v.addmm_(B_, A_, alpha=scale)
+
+
 class _DoRALinear(torch.autograd.Function):
+    """DoRA with ‖V‖ detached. Without dropout, z = x Vᵀ and y = b + c ⊙ z (c = m/n), evaluated
+    as  y = u + (c − 1) ⊙ (u − b)  from the one GEMM  u = x Vᵀ + b  (PEFT's form): at init
+    c = 1 and V = W0, so y is the base output bit for bit. ∂L/∂m = Σ_t g ⊙ z / n needs no
+    division by m (exact at m = 0)."""
+
     @staticmethod
-    def forward(ctx, x, xd, A, B, m, scale, layer):
+    def forward(ctx, x, xd, A, B, m, scale, layer, cdt):
         fifo = layer.fan_in_fan_out
         w = layer.base_weight_native()
         bias = layer.base_bias()
-        shape = _weight_shape(layer)
         x2 = _flat(x)
-        A_, B_, m_ = _as(A, x.dtype), _as(B, x.dtype), _as(m, x.dtype)
-        v = lowrank_native(w, A_, B_, scale, fifo, out=scratch(0, shape, w))
+        A_, B_, m_ = _as(A, cdt), _as(B, cdt), _as(m, cdt)
+        v = _direction_native(layer, w, A_, B_, scale, fifo)
         # ‖W0 + sBA‖ per output feature, treated as a constant (paper §4.3): no gradient.
         norm = torch.linalg.vector_norm(v, dim=0 if fifo else 1)
         c = m_ / norm
         if xd is None:
-            y = linear_native(x2, _row_scale(v, c, fifo, out=scratch(1, shape, w)), bias, fifo)
-            xa_t = torch.mm(A_, x2.t()) if B.requires_grad else None  # (x Aᵀ)ᵀ, see _LoRALinear
-            ctx.save_for_backward(x2 if A.requires_grad else None, xa_t, A, B, m, norm, y if m.requires_grad else None)
+            xin = x2
+            xa_t = torch.mm(A_, _as(x2, cdt).t()) if (B.requires_grad or cdt != x.dtype) else None  # see _LoRALinear
+            if cdt == x.dtype:
+                u = linear_native(x2, v, bias, fifo)
+                if bias is None:
+                    z, y = u, u * c
+                else:
+                    z = u - bias
+                    y = torch.addcmul(u, z, c - 1)
+            else:
+                # half-precision base, float32 adapter: z = (x W0ᵀ)₁₆ + s·(x Aᵀ) Bᵀ in float32,
+                # y = u + (c − 1) ⊙ (u − b) + c·s·(x Aᵀ) Bᵀ rounded once (as PEFT)
+                u = linear_native(x2, w, bias, fifo)
+                z = _as(u if bias is None else u - bias, cdt)
+                lora = torch.mm(xa_t.t(), B_.t())
+                y = torch.addcmul(_as(u, cdt), z, c - 1).addcmul_(lora, c * scale).to(x.dtype)
+                z.add_(lora, alpha=scale)
+            saved = z if m.requires_grad else None
         else:
-            xd2 = _flat(xd)
-            zd = linear_native(xd2, v, None, fifo)
-            y = linear_native(x2, w, bias, fifo).addcmul_(zd, c).sub_(linear_native(xd2, w, None, fifo))
-            xa_t = torch.mm(A_, xd2.t()) if B.requires_grad else None
-            ctx.save_for_backward(xd2, xa_t, A, B, m, norm, zd)
-        ctx.layer, ctx.scale, ctx.shared = layer, scale, xd is None
+            xin = _flat(xd)
+            xdc = _as(xin, cdt)
+            zd = linear_native(xdc, v, None, fifo)
+            base_d = linear_native(xdc, _as(w, cdt), None, fifo)
+            y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(zd, c).sub_(base_d).to(x.dtype)
+            xa_t = torch.mm(A_, xdc.t()) if B.requires_grad else None
+            saved = zd
+        ctx.save_for_backward(xin if A.requires_grad else None, xa_t if B.requires_grad else None, A, B, m, norm, saved)
+        ctx.layer, ctx.scale, ctx.shared, ctx.cdt = layer, scale, xd is None, cdt
         return _unflat(y, x)
 
     @staticmethod
     def backward(ctx, gy):
         xin, xa_t, A, B, m, norm, saved = ctx.saved_tensors
         need_x, need_xd, need_A, need_B, need_m = ctx.needs_input_grad[:5]
-        layer, s = ctx.layer, ctx.scale
+        layer, s, cdt = ctx.layer, ctx.scale, ctx.cdt
         fifo = layer.fan_in_fan_out
         shape = _weight_shape(layer)
         g2 = _flat(gy)
-        A_, B_, m_ = _as(A, g2.dtype), _as(B, g2.dtype), _as(m, g2.dtype)
+        gc = _as(g2, cdt)
+        A_, B_, m_ = _as(A, cdt), _as(B, cdt), _as(m, cdt)
         c = m_ / norm
         gx = gxd = gA = gB = gm = None
         if need_m:
-            if ctx.shared:
-                # z = x Vᵀ = (y - b) / c, hence ∂L/∂m = Σ_t g ⊙ z / n = Σ_t g ⊙ (y - b) / m.
-                gy_sum = torch.linalg.vecdot(g2, saved, dim=0)
-                bias = layer.base_bias()
-                if bias is not None:
-                    gy_sum = gy_sum - _as(bias, g2.dtype) * g2.sum(0)
-                gm = gy_sum / m_
-            else:
-                gm = torch.linalg.vecdot(g2, saved, dim=0) / norm
-            gm = _as(gm, m.dtype)
+            # y = b + (m/n) ⊙ z with z = x Vᵀ (or drop(x) Vᵀ): ∂L/∂m = Σ_t g ⊙ z / n
+            gm = _as(torch.linalg.vecdot(gc, saved, dim=0) / norm, m.dtype)
         # The adapter path sees the upstream gradient scaled per output feature by c = m/n;
         # folding c into the small factors avoids a pass over the (T x out) gradient.
         if need_B:
-            gB = _as(torch.mm(xa_t, g2).mul_(c * s).t(), B.dtype)
+            gB = _as(torch.mm(xa_t, gc).mul_(c * s).t(), B.dtype)
+        gbc = torch.mm(gc, B_ * c.unsqueeze(1)) if (need_A or (need_x and ctx.shared and cdt != g2.dtype)) else None
         if need_A:
-            gA = _as(torch.mm(torch.mm(g2, B_ * c.unsqueeze(1)).t(), xin).mul_(s), A.dtype)
+            gA = _as(torch.mm(gbc.t(), _as(xin, cdt)).mul_(s), A.dtype)
         if need_x or need_xd:
             w = layer.base_weight_native()
-            v = lowrank_native(w, A_, B_, s, fifo, out=scratch(0, shape, w))
-            if ctx.shared:
+            if ctx.shared and cdt == g2.dtype:
+                v = _direction_native(layer, w, A_, B_, s, fifo)
                 gx = grad_input_native(g2, _row_scale(v, c, fifo, out=scratch(1, shape, w)), fifo)
+            elif ctx.shared:
+                # through the half-precision base GEMM and the float32 low-rank path, as the forward
+                gx = grad_input_native((gc * c).to(g2.dtype), w, fifo).add_(torch.mm(gbc, A_).mul_(s).to(g2.dtype))
             else:
                 if need_x:
                     gx = grad_input_native(g2, w, fifo)
                 if need_xd:
-                    gxd = grad_input_native(g2 * c, v, fifo).sub_(grad_input_native(g2, w, fifo))
-                    gxd = _unflat(gxd, gy)
+                    v = _direction_native(layer, w, A_, B_, s, fifo)
+                    gxd = grad_input_native(gc * c, v, fifo).sub_(grad_input_native(gc, _as(w, cdt), fifo))
+                    gxd = _unflat(_as(gxd, gy.dtype), gy)
             if gx is not None:
                 gx = _unflat(gx, gy)
-        return gx, gxd, gA, gB, gm, None, None
+        return gx, gxd, gA, gB, gm, None, None, None
 
 
 def dora_linear(layer, x, xd, A, B, magnitude, scale) -> torch.Tensor:
-    """DoRA forward with the detached row norm (see module docstring)."""
-    return _DoRALinear.apply(x, xd, A, B, magnitude, scale, layer)
+    """DoRA forward with the detached row norm (see module docstring; reference: `reference.dora_reference`)."""
+    return _DoRALinear.apply(x, xd, A, B, magnitude, scale, layer, layer.adapter_compute_dtype(x.dtype))
 
 
 # ----- VeRA ------------------------------------------------------------------------------------------
@@ -267,74 +314,120 @@ def _vera_merged_native(w, lb, ld, A, B, fifo, out=None):
     return lowrank_native(w, A, B * ld * lb.unsqueeze(1), 1.0, fifo, out=out)
 
 
+FACTORED, MERGED, MERGED_KEPT = "factored", "merged", "merged_kept"
+
+
+def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_backward: bool) -> str:
+    """How a VeRA layer evaluates one call; costs in multiply-adds beyond the base GEMMs, divided by r.
+
+    factored     y = y0 + λ_b ⊙ ((λ_d ⊙ x Aᵀ) Bᵀ), keeping x Aᵀ and (λ_d ⊙ x Aᵀ) Bᵀ for backward as
+                 PEFT's autograd does: forward T·(in+out), backward T·(in+out) (∂λ from the kept products,
+                 ∂x = ((g ⊙ λ_b) B ⊙ λ_d) A).
+    merged_kept  W_eff = W0 + Λ_b B Λ_d A (out·in) kept for ∂x = g W_eff; backward forms H = gᵀ (x Aᵀ)
+                 for ∂λ (T·(in+out)). Only where W_eff is no larger than what `factored` keeps, T·(r+out).
+    merged       the same, W_eff rebuilt in backward instead of kept (out·in more).
+    """
+    if not with_backward:
+        return MERGED if out_features * in_features < tokens * (in_features + out_features) else FACTORED
+    costs = {FACTORED: 2 * tokens * (in_features + out_features),
+             MERGED: 2 * out_features * in_features + tokens * (in_features + out_features)}
+    if out_features * in_features <= tokens * (rank + out_features):
+        costs[MERGED_KEPT] = out_features * in_features + tokens * (in_features + out_features)
+    return min(costs, key=costs.get)
+
+
+def projected_input(A_: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """A xᵀ (r x T) for VeRA. Layers that read the same input through the same slice of the shared
+    A (q/k/v, gate/up) get it computed once: the last product is kept per thread, keyed by both
+    operands' address, layout, dtype and version counter; the entry holds both operands, so their
+    memory cannot be reused by another tensor while it is kept. The result must not be modified."""
+    key = (x2.data_ptr(), x2.shape, x2.stride(), x2.dtype, x2._version,
+           A_.data_ptr(), A_.shape, A_.stride(), A_.dtype, A_._version)
+    last = getattr(_SCRATCH, "projected", None)
+    if last is not None and last[0] == key:
+        return last[3]
+    xa_t = torch.mm(A_, x2.t())
+    _SCRATCH.projected = (key, x2, A_, xa_t)
+    return xa_t
+
+
 class _VeRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, merged):
+    def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, plan, cdt):
         fifo = layer.fan_in_fan_out
         w = layer.base_weight_native()
         bias = layer.base_bias()
         x2 = _flat(x)
         xd2 = x2 if xd is None else _flat(xd)
-        dt = x.dtype
-        lb, ld, A_, B_ = _as(lam_b, dt), _as(lam_d, dt), _as(A, dt), _as(B, dt)
-        kept = None
-        if merged:
-            keep = keep_merged_weight(x2.shape[0], layer.in_features, layer.out_features, A.shape[0])
+        lb, ld, A_, B_ = _as(lam_b, cdt), _as(lam_d, cdt), _as(A, cdt), _as(B, cdt)
+        kept = xa = p = None
+        if plan == FACTORED:
+            xa = projected_input(A_, _as(xd2, cdt)).t()
+            p = torch.mm(xa * ld, B_.t())
+            y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(p, lb).to(x.dtype)
+        else:
+            keep = plan == MERGED_KEPT
             w_eff = _vera_merged_native(w, lb, ld, A_, B_, fifo, out=None if keep else scratch(0, _weight_shape(layer), w))
             kept = w_eff if keep else None
             y = linear_native(x2, w_eff, bias, fifo)
-        else:
-            u = torch.mm(xd2, A_.t()).mul_(ld)
-            y = linear_native(x2, w, bias, fifo).addcmul_(torch.mm(u, B_.t()), lb)
-        ctx.save_for_backward(xd2, lam_b, lam_d, A, B, kept)
-        ctx.layer, ctx.merged, ctx.shared = layer, merged, xd is None
+        ctx.save_for_backward(xd2 if xa is None else None, lam_b, lam_d, A, B, kept, xa, p)
+        ctx.layer, ctx.plan, ctx.shared, ctx.cdt = layer, plan, xd is None, cdt
         return _unflat(y, x)
 
     @staticmethod
     def backward(ctx, gy):
-        xd2, lam_b, lam_d, A, B, kept = ctx.saved_tensors
+        xd2, lam_b, lam_d, A, B, kept, xa, p = ctx.saved_tensors
         need_x, need_xd, need_lb, need_ld = ctx.needs_input_grad[:4]
-        layer = ctx.layer
+        layer, cdt = ctx.layer, ctx.cdt
         fifo = layer.fan_in_fan_out
         g2 = _flat(gy)
-        dt = g2.dtype
-        lb, ld, A_, B_ = _as(lam_b, dt), _as(lam_d, dt), _as(A, dt), _as(B, dt)
+        gc = _as(g2, cdt)
+        lb, ld, A_, B_ = _as(lam_b, cdt), _as(lam_d, cdt), _as(A, cdt), _as(B, cdt)
         gx = gxd = glb = gld = None
+        if ctx.plan == FACTORED:
+            # y = y0 + λ_b ⊙ p,  p = (λ_d ⊙ xa) Bᵀ,  xa = x Aᵀ
+            gv = torch.mm(gc * lb, B_)  # ∂L/∂(λ_d ⊙ xa)
+            if need_lb:
+                glb = _as(torch.linalg.vecdot(gc, p, dim=0), lam_b.dtype)
+            if need_ld:
+                gld = _as(torch.linalg.vecdot(gv, xa, dim=0), lam_d.dtype)
+            if need_x or need_xd:
+                adapter_grad = torch.mm(gv.mul_(ld), A_)
+                if need_x:
+                    gx = grad_input_native(g2, layer.base_weight_native(), fifo)
+                    if ctx.shared:
+                        gx.add_(_as(adapter_grad, gx.dtype))
+                    gx = _unflat(gx, gy)
+                if need_xd:
+                    gxd = _unflat(_as(adapter_grad, gy.dtype), gy)
+            return gx, gxd, glb, gld, None, None, None, None, None
         tokens, out_f, in_f, r = g2.shape[0], B_.shape[0], A_.shape[1], A_.shape[0]
         if need_lb or need_ld:
             # Both gradients come from H = gᵀ x Aᵀ (out x r):
             #   ∂L/∂λ_b[o] = Σ_k H[o,k] B[o,k] λ_d[k],    ∂L/∂λ_d[k] = Σ_o H[o,k] B[o,k] λ_b[o].
             # H = gᵀ (x Aᵀ) costs T·r·(in+out), H = (gᵀ x) Aᵀ costs T·out·in + out·in·r: take the cheaper.
             if tokens * r * (in_f + out_f) <= out_f * in_f * (tokens + r):
-                h = torch.mm(torch.mm(A_, xd2.t()), g2).t()
+                h = torch.mm(projected_input(A_, xd2), gc).t()
             else:
-                h = torch.mm(torch.mm(g2.t(), xd2, out=scratch(1, (out_f, in_f), g2)), A_.t())
+                h = torch.mm(torch.mm(gc.t(), xd2, out=scratch(1, (out_f, in_f), gc)), A_.t())
             hb = h * B_
             if need_lb:
-                glb = _as(torch.mv(hb, ld), lam_b.dtype)
+                glb = _as(hb @ ld, lam_b.dtype)
             if need_ld:
-                gld = _as(torch.mv(hb.t(), lb), lam_d.dtype)
-        if need_x or need_xd:
-            w = layer.base_weight_native()
-            if ctx.shared and ctx.merged:
-                w_eff = kept if kept is not None else _vera_merged_native(
-                    w, lb, ld, A_, B_, fifo, out=scratch(0, _weight_shape(layer), w))
-                gx = grad_input_native(g2, w_eff, fifo)
-            else:
-                adapter_grad = torch.mm(torch.mm(g2 * lb, B_).mul_(ld), A_)
-                if need_x:
-                    gx = grad_input_native(g2, w, fifo)
-                    if ctx.shared:
-                        gx.add_(adapter_grad)
-                if need_xd:
-                    gxd = _unflat(adapter_grad, gy)
-            if gx is not None:
-                gx = _unflat(gx, gy)
-        return gx, gxd, glb, gld, None, None, None, None
+                gld = _as(lb @ hb, lam_d.dtype)
+        if need_x:
+            w_eff = kept if kept is not None else _vera_merged_native(
+                layer.base_weight_native(), lb, ld, A_, B_, fifo, out=scratch(0, _weight_shape(layer), g2))
+            gx = _unflat(grad_input_native(g2, w_eff, fifo), gy)
+        return gx, gxd, glb, gld, None, None, None, None, None
 
 
 def vera_linear(layer, x, xd, lam_b, lam_d, A, B) -> torch.Tensor:
-    """VeRA forward; A (r, in) and B (out, r) are the layer's slices of the shared projections."""
-    tokens = x.numel() // x.shape[-1]
-    merged = xd is None and merged_is_cheaper(tokens, layer.in_features, layer.out_features, _needs_graph(x, lam_b, lam_d))
-    return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, merged)
+    """VeRA forward; A (r, in) and B (out, r) are the layer's slices of the shared projections
+    (reference: `reference.vera_reference`)."""
+    cdt = layer.adapter_compute_dtype(x.dtype)
+    plan = FACTORED
+    if xd is None and cdt == x.dtype:  # a merged W_eff in x's dtype would round ΔW to it
+        tokens = x.numel() // x.shape[-1]
+        plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], _needs_graph(x, lam_b, lam_d))
+    return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, plan, cdt)

@@ -3,7 +3,13 @@
 A layer kind turns each targeted base layer into an `AdapterLayer` subclass
 (`create`), may first build state shared by all its layers (`prepare`, e.g. VeRA's
 frozen random projections), and says how its adapter tensors map to PEFT's
-checkpoint format (`peft_type`, `peft_names`) where PEFT has the method.
+checkpoint format (`peft_type`; variants/peft_format.py maps the tensors) where PEFT has the method.
+
+Every layer kind takes the option `adapter_dtype`: the dtype its adapter path computes in
+over a half-precision base — `float32` (default; PEFT's autocast_adapter_dtype: x is cast
+to float32 for the adapter path and the float32 sum of base and adapter outputs is cast
+back) or `base` (the adapter tensors are cast to the base's dtype). Adapter tensors are
+stored in float32 over such a base either way; a merge writes into the base's dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import torch
 from torch import nn
 
 from .core import AdapterLayer, is_quantized, module_device
-from .parts import Part
+from .parts import Option, Part
+
+ADAPTER_DTYPES = ("float32", "base")
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -36,8 +44,6 @@ class LayerKind(Part):
     slot = "layer"
     # PEFT's peft_type for export, or None where PEFT lacks the method.
     peft_type: ClassVar[str | None] = None
-    # our tensor name -> PEFT's key suffix inside the adapted module
-    peft_names: ClassVar[dict[str, str]] = {}
 
     # Capabilities that modifiers ask for (`Part.layer_needs`) instead of listing layer kinds.
     # All off here: a new layer kind declares what it offers.
@@ -47,6 +53,11 @@ class LayerKind(Part):
     trains_lora_pair: ClassVar[bool] = False
     scaled_by_spec: ClassVar[bool] = False
     update_is_s_ba: ClassVar[bool] = False
+
+    options = {
+        "adapter_dtype": Option("float32", str, lambda v: v in ADAPTER_DTYPES, " or ".join(ADAPTER_DTYPES),
+                                "dtype of the adapter computation over a half-precision base"),
+    }
 
     # per-layer ranks that override spec.r (set by `build` from a saved adapter)
     rank_pattern: dict[str, int] = {}
@@ -59,6 +70,13 @@ class LayerKind(Part):
 
     def create(self, name: str, base_layer: nn.Module) -> AdapterLayer:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def configure(self, adapted) -> None:
+        """Tell every layer its adapter compute dtype. Read from the spec, not `opts`: a kind
+        with options of its own (VeRA, AdaLoRA) accepts this inherited one without listing it."""
+        choice = self.spec.options.get("adapter_dtype", LayerKind.options["adapter_dtype"].default)
+        for layer in adapted.layers.values():
+            layer.adapter_dtype = choice
 
     def shared_modules(self) -> dict[str, nn.Module]:
         """Modules to attach to the model root (name -> module); removed again on unload."""

@@ -20,6 +20,7 @@ from .core import AdapterLayer
 from .functional import lora_linear
 from .layer_kind import LayerKind, adapter_kwargs
 from .parts import register
+from .reference import lora_reference
 
 
 class LoRALayer(AdapterLayer):
@@ -37,6 +38,10 @@ class LoRALayer(AdapterLayer):
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(self, x, self.adapter_input(x), self.lora_A, self.lora_B, self.scale)
 
+    def reference_forward(self, x: torch.Tensor, xd: torch.Tensor | None = None) -> torch.Tensor:
+        """The same output by plain autograd ops (tests compare the fused forward with it)."""
+        return lora_reference(self, x, xd, self.lora_A, self.lora_B, self.scale)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
@@ -50,7 +55,6 @@ class LoRA(LayerKind):
     idea = "frozen W0 plus a trainable low-rank update s·BA"
     idea_zh = "冻结 W0，训练低秩增量 s·BA"
     peft_type = "LORA"
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     trains_lora_pair = scaled_by_spec = update_is_s_ba = True
 
     def create(self, name: str, base_layer: nn.Module) -> LoRALayer:

@@ -27,6 +27,7 @@ from .core import AdapterLayer, in_out_features, module_device
 from .functional import vera_linear
 from .layer_kind import LayerKind, adapter_kwargs
 from .parts import Option, register
+from .reference import vera_reference
 
 PROJECTIONS_ATTR = "vera_projections"
 
@@ -73,6 +74,11 @@ class VeRALayer(AdapterLayer):
         A, B = self.sliced()
         return vera_linear(self, x, self.adapter_input(x), self.lambda_b, self.lambda_d, A, B)
 
+    def reference_forward(self, x: torch.Tensor, xd: torch.Tensor | None = None) -> torch.Tensor:
+        """The same output by plain autograd ops (tests compare the fused forward with it)."""
+        A, B = self.sliced()
+        return vera_reference(self, x, xd, self.lambda_b, self.lambda_d, A, B)
+
     def delta_weight(self) -> torch.Tensor:
         A, B = self.sliced()
         return (self.lambda_b.unsqueeze(1) * B.to(self.lambda_b.dtype) * self.lambda_d) @ A.to(self.lambda_b.dtype)
@@ -87,7 +93,6 @@ class VeRA(LayerKind):
     idea = "one frozen random pair shared by all layers; train only per-layer scaling vectors"
     idea_zh = "全模型共享一对冻结随机矩阵，每层只训练缩放向量"
     peft_type = "VERA"
-    peft_names = {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}
     # no capability flags: the random pair is frozen and shared, and there is no alpha/r scale
     options = {
         "d_initial": Option(0.1, float, lambda v: v > 0, "> 0", "initial value of every λ_d entry"),

@@ -1,0 +1,90 @@
+"""VeRA layer cost on SmolLM2-135M's shapes: our fused layer against PEFT's forward formula and the frozen floor.
+
+One decoder block's linear layers, grouped by shared input (q/k/v, o, gate/up, down), 512 tokens,
+r = 256: forward + backward (input gradient and λ gradients). PEFT's side is its layer's forward,
+y = x W0ᵀ + λ_b ⊙ ((λ_d ⊙ x Aᵀ) Bᵀ), differentiated by autograd; the floor is x W0ᵀ alone. The three
+are run interleaved; per group the table gives the minimum over repeats (the least disturbed run on a
+shared CPU) and the median and range of the same-repeat ratio ours / PEFT.
+
+    python bench/vera_layers.py --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from variants.vera import VeRALayer, VeRAProjections
+
+GROUPS = {"q/k/v": [(576, 576), (576, 192), (576, 192)], "o": [(576, 576)],
+          "gate/up": [(576, 1536), (576, 1536)], "down": [(1536, 576)]}
+
+
+def ours(layers, x):
+    x = x.detach().requires_grad_()
+    sum((layer(x) * 1e-3).sum() for layer in layers).backward()
+
+
+def peft_formula(layers, x):
+    x = x.detach().requires_grad_()
+    total = 0
+    for layer in layers:
+        A, B = layer.sliced()
+        y = F.linear(x, layer.base_layer.weight) + layer.lambda_b * F.linear(layer.lambda_d * F.linear(x, A), B)
+        total = total + (y * 1e-3).sum()
+    total.backward()
+
+
+def floor(layers, x):
+    x = x.detach().requires_grad_()
+    sum((F.linear(x, layer.base_layer.weight) * 1e-3).sum() for layer in layers).backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--r", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    projections = VeRAProjections(args.r, 1536, 1536, key=0)
+    print("| layers | ours ms | PEFT ms | floor ms | ours/PEFT median (min–max) |\n|---|---:|---:|---:|---:|")
+    totals = dict.fromkeys(("ours", "peft", "floor"), 0.0)
+    for name, shapes in GROUPS.items():
+        layers = []
+        for fan_in, fan_out in shapes:
+            layer = VeRALayer(nn.Linear(fan_in, fan_out, bias=False).requires_grad_(False), projections, args.r, 0.1, 0.0)
+            with torch.no_grad():
+                layer.lambda_b.normal_()
+            layers.append(layer)
+        x = torch.randn(args.tokens, shapes[0][0])
+        times = {"ours": [], "peft": [], "floor": []}
+        for i in range(args.repeats + 2):  # two warm-up repeats
+            for key, fn in (("ours", ours), ("peft", peft_formula), ("floor", floor)):
+                started = time.perf_counter()
+                fn(layers, x)
+                if i >= 2:
+                    times[key].append(time.perf_counter() - started)
+        ratios = [a / b for a, b in zip(times["ours"], times["peft"])]
+        best = {k: 1000 * min(v) for k, v in times.items()}
+        for k in totals:
+            totals[k] += best[k]
+        print(f"| {name} | {best['ours']:.1f} | {best['peft']:.1f} | {best['floor']:.1f} | "
+              f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) |", flush=True)
+    print(f"| block | {totals['ours']:.1f} | {totals['peft']:.1f} | {totals['floor']:.1f} | "
+          f"adapter part ours/PEFT {(totals['ours'] - totals['floor']) / (totals['peft'] - totals['floor']):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
