@@ -100,7 +100,7 @@ def ours_runner(name: str, base, batch, label: str | None = None, **options) -> 
 def bnb_4bit_copy(base):
     """The base with every linear layer (but the head) replaced by bitsandbytes' Linear4bit (NF4 + DQ),
     as transformers' BitsAndBytesConfig loading would give; the CPU repack is switched off
-    (FACTS.md: it silently drops input gradients)."""
+    (docs/quantized.md: it silently drops input gradients)."""
     import bitsandbytes as bnb
 
     from variants.targets import find_targets, replace_module

@@ -1,6 +1,6 @@
 """Task data: grapheme-to-phoneme pairs from the CMU Pronouncing Dictionary, and user data readers.
 
-The default task (see DESIGN.md) asks the model for the ARPAbet pronunciation of an English word:
+The default task (docs/pipeline.md) asks the model for the ARPAbet pronunciation of an English word:
 
     prompt:   "Spell: f a n\\nARPAbet:"        (DEFAULT_TEMPLATE, the word spelled letter by letter)
     response: " F AE1 N"                       (leading space: it continues the prompt's last line)
@@ -41,7 +41,7 @@ __all__ = [
     "split_records",
 ]
 
-# FACTS.md: with one letter per token the same LoRA budget reaches roughly half the phoneme error
+# docs/pipeline.md: with one letter per token the same LoRA budget reaches roughly half the phoneme error
 # rate of a prompt that shows the whole word ("Pronounce in ARPAbet: fan\nPhonemes:").
 DEFAULT_TEMPLATE = "Spell: {letters}\nARPAbet:"
 

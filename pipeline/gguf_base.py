@@ -164,7 +164,7 @@ def load_base(
         dtype = _DTYPES[dtype]
     elif dtype not in _DTYPES.values():
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-    # FACTS.md: without flushing denormals to zero, CPU generation runs at 1-4 instead of ~20
+    # docs/pipeline.md: without flushing denormals to zero, CPU generation runs at 1-4 instead of ~20
     # tokens/s (tiny activations become denormal floats, which the CPU handles in microcode).
     # The setting only affects CPU arithmetic, so it is harmless when the model runs on a GPU.
     torch.set_flush_denormal(True)

@@ -6,7 +6,7 @@
       PER = sum_i edit_distance(pred_i.split(), ref_i.split()) / sum_i len(ref_i.split())
 
   It can exceed 1 (a prediction longer than its reference costs one insertion per extra phone),
-  which is what the untrained base model scores (FACTS.md: 1.25).
+  which is what the untrained base model does (about 1.3: docs/pipeline.md).
 - ``exact_match(preds, refs)``: fraction of pairs that are equal after whitespace normalisation.
 - ``normalize_generation(text)``: the part of a greedy generation that is compared: its first
   line, stripped, with runs of whitespace collapsed to one space.

@@ -35,7 +35,7 @@ def pick_device(choice: str) -> torch.device:
 
 
 def configure_cpu() -> None:
-    # Denormal floats make CPU arithmetic 10-100x slower (FACTS.md: generation crawls).
+    # Denormal floats make CPU arithmetic 10-100x slower (docs/pipeline.md: generation crawls).
     torch.set_flush_denormal(True)
 
 

@@ -40,7 +40,7 @@ def test_quantized_forward_is_bnb_dequantize_then_matmul():
 
 
 def test_eval_then_train_keeps_input_gradients():
-    """bnb's Linear4bit loses x.grad after an eval forward on this CPU (FACTS.md); our path must not."""
+    """bnb's Linear4bit loses x.grad after an eval forward on this CPU (docs/quantized.md); our path must not."""
     model = tiny_llama()
     adapted = variants.build(model, {"preset": "qlora", "r": 4, "alpha": 8, "target_modules": "q_proj,down_proj"})
     randomize_adapter(adapted)

@@ -12,7 +12,7 @@
 
 Methods (presets): lora, qlora, loftq, adalora, sora, lora_plus, dora, rslora, lora_fa, vera,
 delta_lora.
-Parts by slot: `variants.parts.names(slot)`; see shared design notes in the README.
+Parts by slot: `variants.part_names(slot)`; what each part and method does: docs/README.md.
 """
 
 from . import registry  # noqa: F401  (registers every part)

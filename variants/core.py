@@ -1,6 +1,6 @@
 """AdapterLayer: the wrapper every layer kind builds around a frozen linear layer.
 
-Conventions (shared/VARIANTS.md §0): the base weight W0 is (out, in) as in `nn.Linear`;
+Conventions (docs/README.md, "Notation"): the base weight W0 is (out, in) as in `nn.Linear`;
 GPT-2's `Conv1D` stores it transposed, (in, out) ("fan_in_fan_out"). A layer keeps the
 base module untouched as `base_layer` and works with two views of its weight:
 

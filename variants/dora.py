@@ -13,7 +13,7 @@ drop(x), as PEFT does. Merge writes W' into the base weight and remembers ‖V�
 unmerge can undo it exactly: W0 = W'·‖V‖_row/m − s·BA.
 
 (The seed tutorial's DoRA code adds an activation to a weight, starts m at ones, does not
-detach the norm and drops b0: shared/VARIANTS.md §13a.)
+detach the norm and drops b0: docs/dora.md.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ factored when it is small (token-by-token generation). Both give the same number
 float rounding, and when ΔW = 0 (any adapter at init) both give exactly the base output:
 W_eff is then W0 bit for bit, built in the base module's own memory layout.
 
-Equations (PyTorch layout, W0 is (out, in); shared/VARIANTS.md):
+Equations (PyTorch layout, W0 is (out, in); docs/lora-scaling.md, dora.md, vera.md):
   LoRA  (Hu et al. 2021, 2106.09685):      y = x W0ᵀ + b + s·(drop(x) Aᵀ) Bᵀ
   DoRA  (Liu et al. 2024, 2402.09353):     V = W0 + s·BA,  n = ‖V‖_row (detached, §4.3),
                                           y = x (m/n ⊙_row V)ᵀ + b

@@ -7,7 +7,7 @@ Same model as LoRA; only the optimizer changes: B learns faster than A,
 
 The paper derives η_B/η_A = Θ(n) from the model *width* n at a fixed rank — nothing in
 it scales with sqrt(r). (The seed tutorial's lr_A = η/sqrt r, lr_B = η·sqrt r is not the
-paper's rule: shared/VARIANTS.md §13d.)
+paper's rule: docs/optimizers.md.)
 
 Group membership follows PEFT's `create_loraplus_optimizer`: B and every 1-D trainable
 tensor (DoRA's magnitude, biases) get η_B; A and the other matrices get η_A; both

@@ -1,6 +1,6 @@
 """The composable parts of an adapter spec, their options and their registry.
 
-A LoRA-family method is one *layer kind* plus orthogonal *modifiers* (shared/DESIGN.md):
+A LoRA-family method is one *layer kind* plus orthogonal *modifiers* (docs/README.md):
 
     slot       values (this module's registry)          what it decides
     ---------  ---------------------------------------  -----------------------------------------

@@ -115,7 +115,7 @@ class QuantizedLinear(torch.nn.Module):
     The forward is dequantize-then-matmul, computed in `compute_dtype` (bf16 on CUDA and
     fp32 on CPU when "auto"), as bitsandbytes' own Linear4bit does on CPU. It never calls
     bnb's Linear4bit, whose CPU inference-layout repack after an eval forward silently drops
-    later input gradients (shared/FACTS.md). The codes are a buffer (they move with the
+    later input gradients (docs/quantized.md). The codes are a buffer (they move with the
     model); the quantization state follows them on every `.to()`.
     """
 

@@ -13,7 +13,7 @@ CPU: the same key gives the same projections as PEFT's VeRA, so they can be
 regenerated instead of saved. Trainable parameters: Σ over layers (out + r).
 
 (The seed tutorial's VeRA gives each layer its own trainable, normal-initialised pair
-and starts both vectors at ones: shared/VARIANTS.md §13b.)
+and starts both vectors at ones: docs/vera.md.)
 """
 
 from __future__ import annotations
