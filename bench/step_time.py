@@ -28,9 +28,9 @@ import gc
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -63,12 +63,12 @@ class Runner:
 
 def paired_ratio(a: Runner, b: Runner) -> float:
     """Median over rounds of a's time / b's time in the same round (paired: drift cancels)."""
-    return statistics.median(x / y for x, y in zip(a.times, b.times))
+    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
 
 
 def paired_spread(a: Runner, b: Runner) -> tuple[float, float]:
     """(min, max) over rounds of the same-round ratio a / b."""
-    ratios = [x / y for x, y in zip(a.times, b.times)]
+    ratios = [x / y for x, y in zip(a.times, b.times, strict=True)]
     return min(ratios), max(ratios)
 
 
@@ -118,7 +118,7 @@ def bnb_4bit_copy(base):
 
 def peft_runner(name: str, base, batch) -> Runner | None:
     from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
-    from peft.optimizers import create_loraplus_optimizer, create_lorafa_optimizer
+    from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 
     if name in ("delta_lora", "sora"):  # not in PEFT
         return None
@@ -182,8 +182,9 @@ def tiny_llama():
 
 
 def smollm2():
-    from pipeline.gguf_base import find_smollm2_gguf
     from transformers import AutoModelForCausalLM
+
+    from pipeline.gguf_base import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     torch.set_flush_denormal(True)
@@ -224,7 +225,7 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
             ours = by_label[f"ours {name}"]
             theirs = by_label.get(f"peft {name}")
             if theirs is not None:
-                print(f"  {name}: per-round ours/PEFT " + " ".join(f"{a / b:.3f}" for a, b in zip(ours.times, theirs.times)))
+                print(f"  {name}: per-round ours/PEFT " + " ".join(f"{a / b:.3f}" for a, b in zip(ours.times, theirs.times, strict=True)))
             rows.append({
                 "model": title, "variant": name, "ours_ms": ours.median_ms,
                 "peft_ms": theirs.median_ms if theirs else None, "floor_ms": floor.median_ms,

@@ -76,7 +76,7 @@ def main() -> None:
                 fn(layers, x)
                 if i >= 2:
                     times[key].append(time.perf_counter() - started)
-        ratios = [a / b for a, b in zip(times["ours"], times["peft"])]
+        ratios = [a / b for a, b in zip(times["ours"], times["peft"], strict=True)]
         best = {k: 1000 * min(v) for k, v in times.items()}
         for k in totals:
             totals[k] += best[k]

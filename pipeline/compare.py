@@ -16,7 +16,6 @@ the memory and speed guide, the 7B projection and the loss-curve plot.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import json
@@ -74,7 +73,7 @@ def build_table(params: Params, rows, preds, g2p: bool) -> tuple[pd.DataFrame, d
     return table, derived
 
 
-def projections(params: Params, quant: dict | None):
+def projections(params: Params):
     out = {}
     for name, v in params.variants.items():
         if v.peft_adapter is not None:
@@ -315,7 +314,7 @@ S = {
 }
 
 
-def render(lang: str, params: Params, rows, table: pd.DataFrame, derived, projs, quant, g2p: bool, device: str) -> str:
+def render(lang: str, params: Params, rows, derived, projs, quant, g2p: bool, device: str) -> str:
     s = S[lang]
     labels = R.TEXT[lang]["labels"]
     uses = R.TEXT[lang]["use"]
@@ -426,7 +425,7 @@ def ranks_section(lang: str, params: Params, rows) -> list[str]:
         total = sum(ranks.values())
         out.append(f"| {name} (r={r}) | " + " | ".join(cells) + f" | {total}/{r * len(ranks)} ({total / (r * len(ranks)):.0%}) |")
     by_depth = []
-    for name, r, ranks in found:
+    for name, _r, ranks in found:
         layers = {}
         for layer, k in ranks.items():
             parts = layer.split(".")
@@ -436,9 +435,14 @@ def ranks_section(lang: str, params: Params, rows) -> list[str]:
         if layers:
             depth = sorted(layers)
             first, last = depth[: max(1, len(depth) // 3)], depth[-max(1, len(depth) // 3):]
-            mean = lambda ids: sum(sum(layers[i]) for i in ids) / sum(len(layers[i]) for i in ids)  # noqa: E731
-            by_depth.append(s["ranks_depth"].format(name=name, first=mean(first), last=mean(last)))
+            by_depth.append(s["ranks_depth"].format(name=name, first=_mean_rank(layers, first),
+                                                    last=_mean_rank(layers, last)))
     return out + [""] + by_depth + [""]
+
+
+def _mean_rank(layers: dict[int, list[int]], ids: list[int]) -> float:
+    """Mean kept rank over the adapted layers of the transformer blocks `ids`."""
+    return sum(sum(layers[i]) for i in ids) / sum(len(layers[i]) for i in ids)
 
 
 def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[str]:
@@ -494,14 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     rows, preds, curves, quant = load_inputs(params, args)
     g2p = params.data.source == "cmudict"
     table, derived = build_table(params, rows, preds, g2p)
-    projs = projections(params, quant)
+    projs = projections(params)
     device = "cuda" if params.train.device == "cuda" else (
         "CPU" if params.train.device == "cpu" or not __import__("torch").cuda.is_available() else "cuda")
     buf = io.StringIO()
     table.to_csv(buf, index=False)
     # everything is rendered before anything is replaced: a failure keeps the previous report
     md = {"en": args.md, "zh": args.md_zh}
-    files = {args.csv: buf.getvalue(), **{path: render(lang, params, rows, table, derived, projs, quant, g2p, device)
+    files = {args.csv: buf.getvalue(), **{path: render(lang, params, rows, derived, projs, quant, g2p, device)
                                           for lang, path in md.items()}}
     commit_outputs(files, {args.plots: lambda tmp: make_plots(tmp, rows, curves, g2p)})
     print(f"compare: wrote {args.csv}, {args.md}, {args.md_zh} and {args.plots}/ for {len(params.variants)} variants", flush=True)

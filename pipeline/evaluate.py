@@ -117,7 +117,7 @@ def run(args, params) -> dict:
              "parts": summary.get("parts", {}) if summary else {},
              "spec": summary["spec"] if summary else None}
     lines = []
-    for rec, pred, ref in zip(test_records, predictions, references):
+    for rec, pred, ref in zip(test_records, predictions, references, strict=True):
         lines.append(json.dumps({"id": rec["id"], "prediction": pred, "reference": ref,
                                  "edits": edit_distance(pred.split(), ref.split()), "ref_len": len(ref.split()),
                                  "exact": pred == ref}, ensure_ascii=False))

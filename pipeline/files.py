@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from variants.io import staged_folder, staging_folder, swap_folder
 

@@ -59,7 +59,7 @@ def phoneme_error_rate(predictions: Sequence[str], references: Sequence[str]) ->
     _check_pairs(predictions, references)
     errors = 0
     phones = 0
-    for i, (pred, ref) in enumerate(zip(predictions, references)):
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         ref_phones = ref.split()
         if not ref_phones:
             raise ValueError(f"reference {i} has no phones: {ref!r}")
@@ -71,7 +71,7 @@ def phoneme_error_rate(predictions: Sequence[str], references: Sequence[str]) ->
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of pairs whose whitespace-normalised strings are equal."""
     _check_pairs(predictions, references)
-    hits = sum(p.split() == r.split() for p, r in zip(predictions, references))
+    hits = sum(p.split() == r.split() for p, r in zip(predictions, references, strict=True))
     return hits / len(references)
 
 

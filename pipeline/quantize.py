@@ -23,10 +23,16 @@ from pathlib import Path
 
 from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
-from pipeline.stage import start
 from pipeline.runtime import Progress, configure_cpu
-from variants.quant import (bits_per_parameter, dequantize_weight, quantize_weight, quantized_bytes, save_quantized,
-                            state_bytes)
+from pipeline.stage import start
+from variants.quant import (
+    bits_per_parameter,
+    dequantize_weight,
+    quantize_weight,
+    quantized_bytes,
+    save_quantized,
+    state_bytes,
+)
 from variants.spec import ALL_LINEAR
 from variants.targets import find_targets
 

@@ -108,7 +108,7 @@ class PeakMemory:
     method: str = ""
     seconds: float = 0.0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._started = time.perf_counter()
         release_free_memory()
         if self.device.type == "cuda":
@@ -160,7 +160,7 @@ class Progress:
               flush=True)
 
 
-def repo_root() -> "os.PathLike[str]":
+def repo_root() -> os.PathLike[str]:
     """The repository that owns this run; for DVC's queued/temp experiments (run in
     <repo>/.dvc/tmp/exps/<tmp>/), the original repository, so shared stores stay shared."""
     from pathlib import Path

@@ -19,7 +19,6 @@ check, and raise ``DataError`` listing, per failing check, the column, the check
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import pandas as pd
 import pandera.pandas as pa
@@ -70,7 +69,7 @@ class PreparedData(pa.DataFrameModel):
     prompt: Series[str]
     response: Series[str]
     split: Series[str] = pa.Field(isin=list(SPLITS))
-    word: Optional[Series[str]] = pa.Field(nullable=False)
+    word: Series[str] | None = pa.Field(nullable=False)
 
     @pa.check("prompt", "response", name="not_blank")
     def _text_not_blank(cls, series: pd.Series) -> pd.Series:
@@ -188,7 +187,7 @@ def _validate(
     try:
         validated = model.validate(df, lazy=True)
     except pa.errors.SchemaErrors as exc:
-        lines += _format_failures(exc.failure_cases, model.__name__, frame_check_columns or {})
+        lines += _format_failures(exc.failure_cases, frame_check_columns or {})
     if lines:
         raise DataError(f"{what} failed validation:\n" + "\n".join("  " + line for line in lines))
     return validated
@@ -208,7 +207,7 @@ def _fractional_int_failures(model: type[pa.DataFrameModel], df: pd.DataFrame) -
     return lines
 
 
-def _format_failures(cases: pd.DataFrame, schema_name: str, frame_check_columns: dict[str, str]) -> list[str]:
+def _format_failures(cases: pd.DataFrame, frame_check_columns: dict[str, str]) -> list[str]:
     grouped: dict[tuple[str, str], list[tuple[object, object]]] = {}
     for column, check, value, index in cases[["column", "check", "failure_case", "index"]].itertuples(index=False):
         if check in frame_check_columns and column != frame_check_columns[check]:

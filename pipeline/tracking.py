@@ -32,8 +32,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from pipeline.runtime import process_start_time, repo_root
 

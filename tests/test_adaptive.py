@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama, token_batch
 
 import variants
-
-from conftest import tiny_llama, token_batch
 
 ADA = {"preset": "adalora", "r": 6, "alpha": 8, "target_r": 3, "tinit": 2, "tfinal": 3, "delta_t": 2,
        "total_step": 14, "orth_reg_weight": 0.5, "target_modules": "q_proj,v_proj,down_proj"}
@@ -122,7 +121,7 @@ def test_training_loop_shrinks_the_budget_to_target():
     variants.train(adapted, batches, variants.TrainSettings(steps=ADA["total_step"], lr=2e-2))
     history = [b for _, b in adapted.part("layer").budget_history]
     assert len(history) == ADA["total_step"] and history[0] == 36 and history[-1] == 18
-    assert all(x >= y for x, y in zip(history, history[1:]))
+    assert all(x >= y for x, y in zip(history, history[1:], strict=True))
     summary = adapted.parts_summary()["layer"]
     assert summary["budget_final"] == 18 and sum(summary["rank_pattern"].values()) == 18
     assert all(int((layer.lora_E != 0).sum()) == summary["rank_pattern"][name]

@@ -91,7 +91,7 @@ def test_fused_layer_equals_reference_forward_and_gradients(method, kind, tokens
     y, grads = outputs_and_grads(fused, x, xd, tensors, g)
     y_ref, grads_ref = outputs_and_grads(ref, x, xd, tensors, g)
     assert (y - y_ref).abs().max().item() < 1e-12
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         assert want.abs().max() > 0
         assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
 
@@ -108,7 +108,7 @@ def test_every_vera_plan_equals_reference(kind, plan, monkeypatch):
     y, grads = outputs_and_grads(fused, x, None, tensors, g)
     y_ref, grads_ref = outputs_and_grads(ref, x, None, tensors, g)
     assert (y - y_ref).abs().max().item() < 1e-12
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
 
 
@@ -252,9 +252,9 @@ def test_float32_adapter_math_on_bf16_layer_against_float64_reference(method, ki
 
     assert rel(y, y_ref) < 1e-2
     n_inputs = 1 if xd is None else 2
-    for got, want in zip(grads[:n_inputs], grads_ref[:n_inputs]):
+    for got, want in zip(grads[:n_inputs], grads_ref[:n_inputs], strict=True):
         assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
-    for i, (got, want) in enumerate(zip(grads[n_inputs:], grads_ref[n_inputs:])):
+    for i, (got, want) in enumerate(zip(grads[n_inputs:], grads_ref[n_inputs:], strict=True)):
         assert got.dtype == torch.float32
         bf16_base_term = method == "dora" and not dropout and i == 2
         assert rel(got, want) < (1e-2 if bf16_base_term else 1e-5), (i, rel(got, want))

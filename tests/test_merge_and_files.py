@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import full_precision_presets, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 from safetensors.torch import load_file
 
 import variants
 from variants import io as vio
-
-from conftest import full_precision_presets, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 PRESET_ARGS = {
     "lora": {"r": 4, "alpha": 8},
@@ -87,9 +86,9 @@ def test_save_then_load_on_a_fresh_base_reproduces_the_logits(name, tmp_path):
     adapted = _adapted(name, copy.deepcopy(base))
     if name == "delta_lora":  # let the W update happen so the saved reference factors matter
         ids = token_batch()
+        opt = adapted.optimizer(1e-2)
         for step in range(3):
             adapted.model(input_ids=ids, labels=ids).loss.backward()
-            opt = adapted.optimizer(1e-2) if step == 0 else opt
             adapted.before_optimizer_step(step, opt)
             opt.step()
             adapted.after_optimizer_step(step, opt)

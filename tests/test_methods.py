@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
+from conftest import peft_param, peft_twin, randomize_adapter, tiny_llama, token_batch
 
 import variants
 from variants.lora_fa import LoRAFAAdamW
-
-from conftest import peft_param, peft_twin, randomize_adapter, tiny_llama, token_batch
 
 
 # ----- DoRA ------------------------------------------------------------------------------------------
@@ -57,7 +56,7 @@ def test_dora_norm_is_detached_as_in_the_paper():
     (layer(x) * g).sum().backward()
     ours = (layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad)
     detached, undetached = reference(True), reference(False)
-    for o, d in zip(ours, detached):
+    for o, d in zip(ours, detached, strict=True):
         assert torch.allclose(o, d, atol=1e-5)
     assert not torch.allclose(ours[0], undetached[0], atol=1e-4)
 

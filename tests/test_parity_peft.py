@@ -11,11 +11,19 @@ import copy
 
 import pytest
 import torch
+from conftest import (
+    full_precision_presets,
+    peft_param,
+    peft_twin,
+    preset,
+    randomize_adapter,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
 
 import variants
 from variants.functional import merged_is_cheaper
-
-from conftest import full_precision_presets, peft_param, peft_twin, preset, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 SPECS = {
     "lora": {"preset": "lora", "r": 4, "alpha": 8},

@@ -214,9 +214,9 @@ def test_peft_spec_reads_keys_only(tmp_path, monkeypatch):
 
 def test_an_adapter_for_another_model_fails_the_train_stage_naming_the_entry_and_writes_nothing(
         workspace, tmp_path, monkeypatch, capsys):
+    from conftest import tiny_llama
     from peft import LoraConfig, get_peft_model
 
-    from conftest import tiny_llama
     from pipeline import train
 
     # the same module names, other shapes: the params check (config + keys) passes, the base does not fit

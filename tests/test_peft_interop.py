@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 import variants
 from variants.core import AdapterLayer
-
-from conftest import randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 ATOL = 1e-6  # float32, tiny models
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from tiny_assets import save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapter, tiny_llama, token_batch
 
 import variants
 from variants.quant import QuantizedLinear, bits_per_parameter, dequantize_weight, quantize_weight, quantized_bytes
-
-from conftest import randomize_adapter, tiny_llama, token_batch
 
 
 def _linear(out_f=48, in_f=64, bias=True, seed=0):

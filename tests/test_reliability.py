@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from stage_cmds import stage_argv
 from tiny_assets import save_tiny_model, small_pipeline_params
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_llama
+
 from pipeline.runtime import PeakMemory
 
 

@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
+from conftest import preset, tiny_llama, token_batch
 
 import variants
 from variants import AdapterSpec
 from variants.core import AdapterLayer
-
-from conftest import preset, tiny_llama, token_batch
 
 
 def test_every_preset_builds_and_names_its_parts():

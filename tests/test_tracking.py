@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from stage_cmds import stage_argv
 from tiny_assets import save_tiny_model, small_pipeline_params
 

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama, token_batch
 
 import variants
 from variants.parts import Part, register
 from variants.training import TrainSettings, lr_factor
-
-from conftest import tiny_llama, token_batch
 
 CALLS: list[tuple[str, int]] = []
 

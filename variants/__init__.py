@@ -20,7 +20,8 @@ from .checkpoint import Checkpointer
 from .core import AdapterLayer
 from .io import export_peft, file_bytes, load, save
 from .model import AdaptedModel, build
-from .parts import SLOTS, Option, Part, names as part_names, part_class, register
+from .parts import SLOTS, Option, Part, part_class, register
+from .parts import names as part_names
 from .peft_load import load_peft, peft_spec
 from .spec import PRESETS, AdapterSpec
 from .training import NonFiniteLossError, StepRecord, TrainSettings, train

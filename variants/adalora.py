@@ -31,7 +31,6 @@ each layer keeps) is saved with the adapter.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -37,7 +37,7 @@ class LoRAPlus(OptimizerPart):
             slow = {"params": [], "names": []}
             fast = {"params": [], "names": [], "lr_scale": g.get("lr_scale", 1.0) * self.opts.loraplus_ratio}
             rest = {k: v for k, v in g.items() if k not in ("params", "names", "lr_scale")}
-            for name, p in zip(g["names"], g["params"]):
+            for name, p in zip(g["names"], g["params"], strict=True):
                 leaf = name.rsplit(".", 1)[-1]
                 dest = fast if (leaf == "lora_B" or p.ndim == 1) else slow
                 dest["params"].append(p)

@@ -37,7 +37,8 @@ otherwise the import refuses with a ValueError naming the key and its value.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 

@@ -130,7 +130,7 @@ class QuantizedLinear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, quant_type: str, double_quant: bool, blocksize: int,
-                    compute_dtype: str = "auto", prequantized=None) -> "QuantizedLinear":
+                    compute_dtype: str = "auto", prequantized=None) -> QuantizedLinear:
         if prequantized is not None:
             codes, state = prequantized
         else:

@@ -92,7 +92,7 @@ class SoRA(LayerKind):
         gates = {id(layer.gate) for layer in adapted.layers.values()}
         out = []
         for g in groups:
-            keep = [(n, p) for n, p in zip(g["names"], g["params"]) if id(p) not in gates]
+            keep = [(n, p) for n, p in zip(g["names"], g["params"], strict=True) if id(p) not in gates]
             out.append({**g, "params": [p for _, p in keep], "names": [n for n, _ in keep]})
         return out
 

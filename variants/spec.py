@@ -27,8 +27,9 @@ names the bad value (and, for combinations, both parts).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from . import parts as _parts
 
