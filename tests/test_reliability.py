@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from stage_cmds import stage_argv
-from tiny_assets import save_tiny_model, small_pipeline_params
+from tiny_assets import prepared_workspace, save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,19 +38,7 @@ def small_params(model_dir: Path) -> dict:
 def workspace(tmp_path_factory):
     """A stage-ready folder: params.yaml, models/base (tiny random Llama), data/prepared."""
     root = tmp_path_factory.mktemp("ws")
-    model_dir = save_tiny_model(root / "tiny-model")
-    save_tiny_model(root / "models" / "base")
-    (root / "models" / "base" / "summary.json").write_text("{}")
-    (root / "params.yaml").write_text(yaml.safe_dump(small_params(model_dir), sort_keys=False))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        from pipeline import prepare
-
-        assert prepare.main(stage_argv("prepare")) == 0
-    finally:
-        os.chdir(cwd)
-    return root
+    return prepared_workspace(root, small_params(save_tiny_model(root / "tiny-model")))
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from stage_cmds import stage_argv
-from tiny_assets import save_tiny_model, small_pipeline_params
+from tiny_assets import prepared_workspace, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,20 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def workspace(tmp_path_factory):
     """A stage-ready folder: params.yaml (one LoRA variant), models/base (tiny random Llama), data/prepared."""
     root = tmp_path_factory.mktemp("track")
-    save_tiny_model(root / "models" / "base")
-    (root / "models" / "base" / "summary.json").write_text("{}")
     params = small_pipeline_params(yaml.safe_load((ROOT / "params.yaml").read_text()), root / "models" / "base",
                                    {"lora": {"preset": "lora", "r": 4, "alpha": 8}}, steps=4, checkpoint_interval=0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        from pipeline import prepare
-
-        assert prepare.main(stage_argv("prepare")) == 0
-    finally:
-        os.chdir(cwd)
-    return root
+    return prepared_workspace(root, params)
 
 
 def _stage(monkeypatch, run):

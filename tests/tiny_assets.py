@@ -49,3 +49,25 @@ def small_pipeline_params(root_params: dict, model_dir: Path, variants: dict, **
     params["variants"] = {name: {**params["variants"].get(name, {}), **extra} for name, extra in variants.items()}
     params["variant"] = next(iter(variants))
     return params
+
+
+def prepared_workspace(root: Path, params: dict) -> Path:
+    """A stage-ready folder: models/base (the tiny Llama, with the base stage's summary.json),
+    params.yaml and data/prepared (made by the prepare stage, called as dvc.yaml calls it)."""
+    import os
+
+    import yaml
+    from stage_cmds import stage_argv
+
+    save_tiny_model(root / "models" / "base")
+    (root / "models" / "base" / "summary.json").write_text("{}")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from pipeline import prepare
+
+        assert prepare.main(stage_argv("prepare")) == 0
+    finally:
+        os.chdir(cwd)
+    return root

@@ -213,11 +213,34 @@ def _direction_native(layer, w, A_, B_, scale, fifo, slot: int = 0) -> torch.Ten
     return v.addmm_(A_.t(), B_.t(), alpha=scale) if fifo else v.addmm_(B_, A_, alpha=scale)
 
 
+# Output features whose c = m/n is below this recover z = (y − b)/c too inexactly (y − b has lost
+# the digits of b): their z is recomputed as x V_iᵀ in backward instead (exact at m = 0).
+DORA_RECOMPUTE_BELOW = 2.0 ** -6
+
+
+def _dora_magnitude_grad(layer, g, y, x, A_, B_, scale, c, norm) -> torch.Tensor:
+    """Σ_t g ⊙ z / n from the saved output y = b + c ⊙ z: z = (y − b)/c where c is large enough,
+    z = x V_iᵀ recomputed for the few features where it is not (no division by a tiny m)."""
+    bias = layer.base_bias()
+    yb = y if bias is None else y - bias.to(y.dtype)
+    small = c.abs() < DORA_RECOMPUTE_BELOW
+    gm = torch.linalg.vecdot(g, yb, dim=0) / torch.where(small, torch.ones_like(c), c) / norm
+    if bool(small.any()):
+        cols = small.nonzero().squeeze(1)
+        v = _direction_native(layer, layer.base_weight_native(), A_, B_, scale, layer.fan_in_fan_out, slot=1)
+        v_rows = v[:, cols].t() if layer.fan_in_fan_out else v[cols]  # (k, in)
+        z = torch.mm(_as(x, v_rows.dtype), v_rows.t())                # (T, k)
+        gm[cols] = torch.linalg.vecdot(g[:, cols], z, dim=0) / norm[cols]
+    return gm
+
+
 class _DoRALinear(torch.autograd.Function):
     """DoRA with ‖V‖ detached. Without dropout, z = x Vᵀ and y = b + c ⊙ z (c = m/n), evaluated
     as  y = u + (c − 1) ⊙ (u − b)  from the one GEMM  u = x Vᵀ + b  (PEFT's form): at init
-    c = 1 and V = W0, so y is the base output bit for bit. ∂L/∂m = Σ_t g ⊙ z / n needs no
-    division by m (exact at m = 0)."""
+    c = 1 and V = W0, so y is the base output bit for bit. ∂L/∂m = Σ_t g ⊙ z / n. The forward
+    saves y, which the following layers usually keep anyway (saving z as well would hold a
+    second T x out tensor per layer), and backward recovers z = (y − b)/c, except for the
+    features with c < DORA_RECOMPUTE_BELOW (m = 0 included), whose z it recomputes exactly."""
 
     @staticmethod
     def forward(ctx, x, xd, A, B, m, scale, layer, cdt):
@@ -235,11 +258,8 @@ class _DoRALinear(torch.autograd.Function):
             xa_t = torch.mm(A_, _as(x2, cdt).t()) if (B.requires_grad or cdt != x.dtype) else None  # see _LoRALinear
             if cdt == x.dtype:
                 u = linear_native(x2, v, bias, fifo)
-                if bias is None:
-                    z, y = u, u * c
-                else:
-                    z = u - bias
-                    y = torch.addcmul(u, z, c - 1)
+                y = u.mul_(c) if bias is None else torch.addcmul(u, u - bias, c - 1)
+                z = y  # backward recovers z from y (see the class docstring)
             else:
                 # half-precision base, float32 adapter: z = (x W0ᵀ)₁₆ + s·(x Aᵀ) Bᵀ in float32,
                 # y = u + (c − 1) ⊙ (u − b) + c·s·(x Aᵀ) Bᵀ rounded once (as PEFT)
@@ -257,8 +277,10 @@ class _DoRALinear(torch.autograd.Function):
             y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(zd, c).sub_(base_d).to(x.dtype)
             xa_t = torch.mm(A_, xdc.t()) if B.requires_grad else None
             saved = zd
-        ctx.save_for_backward(xin if A.requires_grad else None, xa_t if B.requires_grad else None, A, B, m, norm, saved)
-        ctx.layer, ctx.scale, ctx.shared, ctx.cdt = layer, scale, xd is None, cdt
+        z_from_y = xd is None and cdt == x.dtype
+        keep_x = A.requires_grad or (z_from_y and m.requires_grad)
+        ctx.save_for_backward(xin if keep_x else None, xa_t if B.requires_grad else None, A, B, m, norm, saved)
+        ctx.layer, ctx.scale, ctx.shared, ctx.cdt, ctx.z_from_y = layer, scale, xd is None, cdt, z_from_y
         return _unflat(y, x)
 
     @staticmethod
@@ -275,7 +297,10 @@ class _DoRALinear(torch.autograd.Function):
         gx = gxd = gA = gB = gm = None
         if need_m:
             # y = b + (m/n) ⊙ z with z = x Vᵀ (or drop(x) Vᵀ): ∂L/∂m = Σ_t g ⊙ z / n
-            gm = _as(torch.linalg.vecdot(gc, saved, dim=0) / norm, m.dtype)
+            if ctx.z_from_y:
+                gm = _as(_dora_magnitude_grad(layer, gc, saved, xin, A_, B_, s, c, norm), m.dtype)
+            else:
+                gm = _as(torch.linalg.vecdot(gc, saved, dim=0) / norm, m.dtype)
         # The adapter path sees the upstream gradient scaled per output feature by c = m/n;
         # folding c into the small factors avoids a pass over the (T x out) gradient.
         if need_B:
