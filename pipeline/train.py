@@ -50,6 +50,7 @@ from pipeline.splits import read_split
 from pipeline.stage import start
 from pipeline.tracking import Tracker, standard_tags
 from variants import peft_load
+from variants.io import file_sha256
 from variants.quant import load_quantized
 
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
@@ -198,14 +199,6 @@ def run(args, params) -> dict:
     print(f"[{name}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
     return summary
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def import_peft_adapter(args, params, vcfg) -> dict:

@@ -24,7 +24,6 @@ previous good checkpoint, or from scratch when there is none.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import staging_folder
+from .io import file_sha256, staging_folder
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -109,17 +108,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(tuple(state["numpy"]))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Record the size and SHA-256 of every file in `folder` (call it last)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
 
@@ -145,7 +136,7 @@ def verify(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected.get("bytes"):
             return f"{name} has {size} bytes, {expected.get('bytes')} were written"
-        if _sha256(path) != expected.get("sha256"):
+        if file_sha256(path) != expected.get("sha256"):
             return f"{name} does not match its SHA-256"
     return None
 

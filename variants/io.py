@@ -18,6 +18,7 @@ only once complete, so a crash never leaves a half-written adapter behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -88,6 +89,15 @@ def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path]
     with staged_folder(directory) as tmp:
         write(tmp)
     return Path(directory)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoint manifests, imported adapters)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
