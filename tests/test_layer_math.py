@@ -96,17 +96,22 @@ def test_fused_layer_equals_reference_forward_and_gradients(method, kind, tokens
         assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
 
 
+def _fused_and_reference_run(method: str, layer, tokens: tuple[int, ...], seed: int):
+    """((output, gradients) of the fused layer, the same of its plain reference) on one float64 input
+    and upstream gradient of shape `tokens`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(*tokens, OUT, generator=gen, dtype=torch.float64)
+    fused, ref, tensors = fused_and_reference(method, layer)
+    return outputs_and_grads(fused, x, None, tensors, g), outputs_and_grads(ref, x, None, tensors, g)
+
+
 @pytest.mark.parametrize("plan", [functional.FACTORED, functional.MERGED, functional.MERGED_KEPT])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_every_vera_plan_equals_reference(kind, plan, monkeypatch):
     monkeypatch.setattr(functional, "vera_plan", lambda *args: plan)
-    layer = adapter_layer("vera", base_layer(kind))
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(*MERGED, IN, generator=gen, dtype=torch.float64)
-    g = torch.randn(*MERGED, OUT, generator=gen, dtype=torch.float64)
-    fused, ref, tensors = fused_and_reference("vera", layer)
-    y, grads = outputs_and_grads(fused, x, None, tensors, g)
-    y_ref, grads_ref = outputs_and_grads(ref, x, None, tensors, g)
+    (y, grads), (y_ref, grads_ref) = _fused_and_reference_run("vera", adapter_layer("vera", base_layer(kind)),
+                                                              MERGED, seed=5)
     assert (y - y_ref).abs().max().item() < 1e-12
     for got, want in zip(grads, grads_ref, strict=True):
         assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
@@ -147,12 +152,7 @@ def test_dora_magnitude_gradient_is_exact_at_and_near_zero(kind, tokens):
         layer.magnitude[0] = 0.0
         layer.magnitude[1] = 1e-9
         layer.base_layer.bias.mul_(100.0)
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(*tokens, IN, generator=gen, dtype=torch.float64)
-    g = torch.randn(*tokens, OUT, generator=gen, dtype=torch.float64)
-    fused, ref, tensors = fused_and_reference("dora", layer)
-    _, grads = outputs_and_grads(fused, x, None, tensors, g)
-    _, grads_ref = outputs_and_grads(ref, x, None, tensors, g)
+    (_, grads), (_, grads_ref) = _fused_and_reference_run("dora", layer, tokens, seed=4)
     gm, gm_ref = grads[-1], grads_ref[-1]
     assert torch.isfinite(gm).all()
     assert torch.allclose(gm, gm_ref, rtol=1e-12, atol=1e-13), (gm[:2], gm_ref[:2])
