@@ -15,6 +15,7 @@ not trained) and `variant` (the experiment's headline variant, read by the `focu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -85,6 +86,35 @@ class QuantizeConfig:
     blocksize: int = field(default=64, metadata=_choices(64, 128, 256, 512, 1024, 2048, 4096))
 
 
+STRATEGIES = ("none", "ddp", "fsdp")  # variants.distributed.STRATEGIES; kept here so the default path imports nothing
+ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """train.distributed: how many processes the train stage runs under torchrun, and how they share the work.
+
+    `strategy` none runs today's single process; ddp replicates the model on each process, fsdp
+    (FSDP2) shards it per decoder layer. The world is nproc_per_node x nnodes processes; with
+    nnodes > 1 every node runs the same command and torchrun's c10d rendezvous at
+    `rdzv_endpoint` (host:port of one of the nodes) assigns the node ranks.
+    """
+
+    strategy: str = field(default="none", metadata=_choices(*STRATEGIES))
+    nproc_per_node: int = field(default=1, metadata=POSITIVE_INT)
+    nnodes: int = field(default=1, metadata=POSITIVE_INT)
+    rdzv_endpoint: str | None = None
+    backend: str = field(default="auto", metadata=_choices("auto", "gloo", "nccl"))
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = field(default=30, metadata=POSITIVE_INT)
@@ -97,6 +127,7 @@ class TrainConfig:
     eval_interval: int = field(default=10, metadata=NON_NEGATIVE_INT)
     checkpoint_interval: int = field(default=4, metadata=NON_NEGATIVE_INT)  # 0: no checkpoints
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass(frozen=True)
@@ -257,6 +288,66 @@ def _check_cross_fields(params: Params, label: str) -> None:
     if params.train.warmup_steps >= params.train.steps:
         raise ParamsError(f"{label}: train.warmup_steps ({params.train.warmup_steps}) must be smaller than "
                           f"train.steps ({params.train.steps})")
+    _check_distributed(params, label)
+
+
+def _check_distributed(params: Params, label: str) -> None:
+    """train.distributed: combinations that cannot run fail here, before any process is launched."""
+    dist, train = params.train.distributed, params.train
+    where = "train.distributed"
+    endpoint = dist.rdzv_endpoint
+    if endpoint is not None:
+        match = ENDPOINT.match(endpoint)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ParamsError(f"{label}: {where}.rdzv_endpoint must be host:port (port 1-65535), got {endpoint!r}")
+    if not dist.enabled:
+        if dist.world_size > 1:
+            raise ParamsError(f"{label}: {where}.strategy is none (one process), but nproc_per_node x nnodes = "
+                              f"{dist.nproc_per_node} x {dist.nnodes}; set strategy to ddp or fsdp, or both to 1")
+        return
+    if dist.nnodes > 1 and endpoint is None:
+        raise ParamsError(f"{label}: {where}.nnodes is {dist.nnodes}, so {where}.rdzv_endpoint must name the "
+                          "host:port where the nodes meet (torchrun's c10d rendezvous), got null")
+    if dist.backend == "nccl":
+        if train.device == "cpu":
+            raise ParamsError(f"{label}: {where}.backend nccl needs CUDA devices, but train.device is cpu "
+                              "(use gloo or auto)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ParamsError(f"{label}: {where}.backend nccl needs CUDA devices, and none is visible here "
+                              "(use gloo or auto)")
+    if _uses_cuda(train.device):
+        import torch
+
+        visible = torch.cuda.device_count()
+        if dist.nproc_per_node > visible:
+            raise ParamsError(f"{label}: {where}.nproc_per_node is {dist.nproc_per_node}, but only {visible} CUDA "
+                              "device(s) are visible: each process trains on a GPU of its own")
+    if train.batch_size < dist.world_size:
+        raise ParamsError(f"{label}: train.batch_size ({train.batch_size}) must be at least the number of "
+                          f"processes ({dist.world_size} = {where}.nproc_per_node x nnodes): each process trains "
+                          "on its share of the global batch")
+    try:
+        from variants.distributed import check_strategy
+    except ImportError:  # a library without distributed training: the strategy name was all we could check
+        check_strategy = None
+    for name, v in params.variants.items():
+        if v.peft_adapter is not None or check_strategy is None:
+            continue  # imported, not trained: runs in one process whatever the strategy
+        try:
+            check_strategy(v.spec, dist.strategy)
+        except ValueError as err:
+            raise ParamsError(f"{label}: {where}.strategy {dist.strategy} cannot train variants.{name}: {err}") from None
+
+
+def _uses_cuda(device: str) -> bool:
+    """Whether the train stage runs on CUDA (train.device cuda, or auto with a visible GPU)."""
+    if device != "auto":
+        return device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _tracking_uri_ok(uri: str) -> bool:
@@ -298,6 +389,8 @@ def _build(cls, raw: Any, label: str, where: str):
 
 
 def _coerce(value: Any, hint: Any, meta: Mapping, label: str, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):  # a nested section (train.distributed)
+        return _build(hint, value, label, where)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     if optional:
         if value is None:

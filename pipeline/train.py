@@ -25,6 +25,15 @@ the stage stays restorable from DVC's run-cache. Progress (loss, s/step, ETA) is
 every step. A non-finite loss or gradient stops
 the run at once with an error naming the variant and step; the MLflow run then ends as
 FAILED and no adapter is written.
+
+With `train.distributed.strategy` ddp or fsdp the stage re-launches itself under torchrun
+(pipeline/launch.py) and every worker runs `run`: each joins the process group, builds the
+same model from the same seed, reads the same global batches (`variants.train` takes each
+rank's share) and validates on every rank (FSDP2 needs every rank in a forward). Progress lines
+carry `[<variant> rank k/N]`. Only rank 0 writes the outputs, clears the checkpoints and talks
+to MLflow (the other ranks' Tracker is off); train_summary.json then also records the strategy,
+the world size, and every rank's peak memory and bytes of base weights held. Evaluation stays
+single-process on the gathered adapter.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from pathlib import Path
 import torch
 
 import variants
+from pipeline import launch
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
@@ -57,10 +67,15 @@ CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "secon
 
 
 def run_fingerprint(params, vcfg, data: str, base: str, quantized: str) -> str:
-    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base, dtype."""
+    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base, dtype
+    and, for a distributed run, the strategy and world size (each rank's RNG state is in it)."""
     digest = hashlib.sha256()
+    train = {k: v for k, v in vars(params.train).items() if k != "distributed"}
+    dist = params.train.distributed
+    if dist.enabled:  # (the rendezvous endpoint may change between a killed run and its resumption)
+        train["world"] = [dist.strategy, dist.world_size]
     digest.update(json.dumps({"spec": vcfg.spec.to_dict(), "lr": vcfg.learning_rate(params.train),
-                              "train": vars(params.train), "seed": params.seed, "dtype": params.model.dtype,
+                              "train": train, "seed": params.seed, "dtype": params.model.dtype,
                               "max_length": params.data.max_length}, sort_keys=True, default=str).encode())
     bases = [Path(base) / "summary.json"] + ([Path(quantized) / "summary.json"] if vcfg.spec.base != "full" else [])
     for path in sorted(Path(data).glob("*.jsonl")) + bases:
@@ -80,7 +95,19 @@ def parse(argv: list[str] | None = None):
                                              "help": "scratch folder for resumable checkpoints (not an output)"}),))
 
 
-def run(args, params) -> dict:
+def train_params(train_cfg) -> dict:
+    """train.* as flat MLflow params (train.distributed.strategy, ...)."""
+    flat = {}
+    for key, value in vars(train_cfg).items():
+        if key == "distributed":
+            flat.update({f"train.distributed.{k}": v for k, v in vars(value).items()})
+        else:
+            flat[f"train.{key}"] = value
+    return flat
+
+
+def run(args, params, worker: launch.Worker | None = None) -> dict:
+    """Train one variant; `worker`: this process's rank in a distributed run (None: one process)."""
     name = args.variant
     vcfg = params.get_variant(name)
     if vcfg.peft_adapter is not None:
@@ -88,7 +115,9 @@ def run(args, params) -> dict:
     train_cfg = params.train
     configure_cpu()
     seed_everything(params.seed)
-    device = pick_device(train_cfg.device)
+    device = worker.device if worker is not None else pick_device(train_cfg.device)
+    label = worker.label(name) if worker is not None else name
+    writes = worker is None or worker.writes
 
     model, tokenizer = load_base(args.base, params.model.dtype, params.model.trust_remote_code)
     train_ex = encode_records(tokenizer, read_split(args.data, "train"), params.data.max_length)
@@ -96,7 +125,7 @@ def run(args, params) -> dict:
     adapted = variants.build(model, vcfg.spec, quantized=load_quantized(args.quantized) if vcfg.spec.base != "full" else None)
     model.to(device)
     trainable, total = adapted.parameter_counts()
-    print(f"[{name}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
+    print(f"[{label}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
 
     settings = variants.TrainSettings(
         steps=train_cfg.steps, lr=vcfg.learning_rate(train_cfg), weight_decay=train_cfg.weight_decay,
@@ -106,7 +135,7 @@ def run(args, params) -> dict:
                for b in training_batches(train_ex, train_cfg.batch_size, train_cfg.steps, params.seed, pad_id))
 
     rows: list[dict] = []
-    tracker = Tracker(params.tracking.enabled, params.tracking.experiment, params.tracking.uri)
+    tracker = Tracker(params.tracking.enabled and writes, params.tracking.experiment, params.tracking.uri)
     checkpoint = None
     previous = None
     if train_cfg.checkpoint_interval:
@@ -116,18 +145,21 @@ def run(args, params) -> dict:
                                            get_extra=lambda: {"rows": rows, "run_id": tracker.run_id})
         previous = checkpoint.load()
         if previous is not None:
-            print(f"[{name}] resuming from the checkpoint at step {previous['step']} of {train_cfg.steps}", flush=True)
+            print(f"[{label}] resuming from the checkpoint at step {previous['step']} of {train_cfg.steps}", flush=True)
             rows.extend(previous["extra"]["rows"])
-    progress = Progress(name, train_cfg.steps)
+    progress = Progress(label, train_cfg.steps)
     tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer},
                   run_id=previous["extra"]["run_id"] if previous is not None else None)
     if previous is None:
         tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()},
-                            **{f"train.{k}": v for k, v in vars(train_cfg).items()}, "train.lr_used": settings.lr,
+                            **train_params(train_cfg), "train.lr_used": settings.lr,
                             "seed": params.seed, "model.source": params.model.source,
                             "data.source": params.data.source, "data.n_train": params.data.n_train})
 
+    done = {"steps": previous["step"] if previous is not None else 0}
+
     def on_step(record: variants.StepRecord) -> None:
+        done["steps"] = record.step + 1
         row = {"step": record.step + 1, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
                "val_loss": None, "tokens": record.tokens, "seconds": record.seconds}
         interval = train_cfg.eval_interval
@@ -142,12 +174,32 @@ def run(args, params) -> dict:
     started = time.perf_counter()
     try:
         with PeakMemory(device, resident=model) as peak:
-            variants.train(adapted, batches, settings, on_step=on_step, loss_fn=response_loss, checkpoint=checkpoint)
-    except BaseException:
+            variants.train(adapted, batches, settings, on_step=on_step, loss_fn=response_loss, checkpoint=checkpoint,
+                           **({"strategy": worker.strategy} if worker is not None else {}))
+    except BaseException as err:
+        if worker is not None:  # every rank says where it stopped; torchrun's summary names the first to fail
+            print(f"train@{name} [rank {worker.rank}/{worker.world_size}]: stopped after {done['steps']} of "
+                  f"{train_cfg.steps} steps: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
         tracker.end("FAILED")
         raise
     wall = time.perf_counter() - started
+    base_weight_bytes = adapted.base_weight_bytes()
+    training_memory = (base_weight_bytes + peak.increment) if device.type == "cpu" else peak.bytes
+    distributed = None
+    if worker is not None:
+        from variants.distributed import base_bytes_per_rank  # (what the rank held while the model was wrapped)
+
+        per_rank = worker.gather({"rank": worker.rank, "device": str(device), "peak_memory_bytes": peak.bytes,
+                                  "peak_memory_increment_bytes": peak.increment,
+                                  "base_weight_bytes": base_bytes_per_rank(adapted)})
+        distributed = {"strategy": worker.strategy, "world_size": worker.world_size, "backend": worker.backend,
+                       "nnodes": train_cfg.distributed.nnodes, "nproc_per_node": train_cfg.distributed.nproc_per_node,
+                       "per_rank": per_rank}
+        if device.type == "cpu":  # what this rank held of the base (FSDP2: its shard) plus its growth
+            training_memory = per_rank[0]["base_weight_bytes"] + peak.increment
+        if not worker.writes:
+            return {"variant": name, "distributed": distributed}
     step_seconds = sum(r["seconds"] for r in rows)  # training steps only, validation excluded
     tokens = sum(r["tokens"] for r in rows)
     summary = {
@@ -162,11 +214,12 @@ def run(args, params) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
-        "base_weight_bytes": adapted.base_weight_bytes(),
+        "base_weight_bytes": base_weight_bytes,
         "peak_memory_bytes": peak.bytes,
         "peak_memory_method": peak.method,
-        # what training itself needs: the base weights (exact bytes) plus the measured growth during training
-        "training_memory_bytes": (adapted.base_weight_bytes() + peak.increment) if device.type == "cpu" else peak.bytes,
+        # what training itself needs: the base weights (exact bytes; distributed: those rank 0 held) plus the
+        # measured growth during training
+        "training_memory_bytes": training_memory,
         "train_seconds": step_seconds,
         "wall_seconds": wall,
         "tokens": tokens,
@@ -177,6 +230,9 @@ def run(args, params) -> dict:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
+    if distributed is not None:
+        summary["distributed"] = distributed
+
     def write_adapter(tmp: Path) -> None:
         variants.save(adapted, tmp, metadata={"variant": name, "base": args.base})
         summary["adapter_bytes"] = variants.file_bytes(tmp)
@@ -191,14 +247,25 @@ def run(args, params) -> dict:
     tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
     tracker.log_metrics({"train_seconds": step_seconds, "train_wall_seconds": wall,
                          "tokens_per_second": summary["tokens_per_second"], "peak_memory_bytes": peak.bytes,
-                         "trainable_params": trainable, "adapter_bytes": summary["adapter_bytes"]})
+                         "trainable_params": trainable, "adapter_bytes": summary["adapter_bytes"],
+                         **(distributed_metrics(distributed) if distributed is not None else {})})
     tracker.log_artifacts(args.adapter, "adapter")
     tracker.end("FINISHED")
     if checkpoint is not None:
         checkpoint.clear()
-    print(f"[{name}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+    print(f"[{label}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
     return summary
+
+
+def distributed_metrics(distributed: dict) -> dict:
+    """The world size and every rank's peak memory and base-weight bytes, as MLflow metrics."""
+    out = {"world_size": distributed["world_size"]}
+    for entry in distributed["per_rank"]:
+        out[f"peak_memory_bytes.rank{entry['rank']}"] = entry["peak_memory_bytes"]
+        if entry["base_weight_bytes"] is not None:
+            out[f"base_weight_bytes.rank{entry['rank']}"] = entry["base_weight_bytes"]
+    return out
 
 
 def import_peft_adapter(args, params, vcfg) -> dict:
@@ -262,10 +329,33 @@ def main(argv: list[str] | None = None) -> int:
     args, params = parse(argv)
     if params is None:
         return 1
+    dist = params.train.distributed
+    worker = None
     try:
+        launch.refuse_stray_worker(dist)
+        if dist.enabled and params.get_variant(args.variant).peft_adapter is None:
+            if not launch.is_worker():  # the stage as dvc.yaml runs it: become torchrun (never returns)
+                launch.relaunch(dist, "pipeline.train", list(sys.argv[1:] if argv is None else argv),
+                                run_id=f"train-{args.variant}", label=args.variant)
+            worker = launch.start_worker(dist, params.train.device)
+            return launch.recorded(_worker_main)(args, params, worker)
         run(args, params)
     except (ParamsError, DataError, variants.NonFiniteLossError) as err:
         print(f"train@{args.variant}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if worker is not None:
+            worker.finish()
+    return 0
+
+
+def _worker_main(args, params, worker: launch.Worker) -> int:
+    """One torchrun worker's stage; the errors `main` reports (with the rank) end it with status 1,
+    anything else reaches torchrun's error file with its traceback."""
+    try:
+        run(args, params, worker)
+    except (ParamsError, DataError, variants.NonFiniteLossError) as err:
+        print(f"train@{args.variant} [rank {worker.rank}/{worker.world_size}]: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
 
