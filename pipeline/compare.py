@@ -1,8 +1,8 @@
 """Stage `compare`: every variant's metrics -> the comparison report.
 
     python -m pipeline.compare --metrics reports/metrics --predictions reports/predictions \
-        --curves reports/curves --quantize reports/quantize.json --csv reports/comparison.csv \
-        --md reports/comparison.md --md-zh reports/comparison.zh.md --plots reports/plots
+        --curves reports/curves --quantize reports/quantize.json --adapters models/adapters \
+        --csv reports/comparison.csv --md reports/comparison.md --md-zh reports/comparison.zh.md --plots reports/plots
 
 Reads <metrics>/<name>.json and <predictions>/<name>.jsonl (every variant of params.yaml plus
 the `base` baseline), <curves>/<variant>.csv and the quantize summary; writes (atomically) the
@@ -11,7 +11,10 @@ twin, and PNG plots in the plots folder: loss curves overlaid, quality vs traina
 memory. Labels, use cases and the selection guide are derived from the numbers
 (pipeline/report.py). A variant imported with `peft_adapter` (trained elsewhere) is compared on
 quality; its training columns read "imported" / "导入", and it is left out of the memory labels,
-the memory and speed guide, the 7B projection and the loss-curve plot.
+the memory and speed guide, the 7B projection and the loss-curve plot. A variant trained over
+several processes (`train.distributed`; <adapters>/<variant>/train_summary.json says so) gets a
+row in a "distributed training" section: strategy, processes, base-weight bytes and peak memory
+per rank; a run of one process adds nothing to the report.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pandas as pd
 from pipeline import report as R
 from pipeline.files import commit_outputs
 from pipeline.params import Params
-from pipeline.projection import project
+from pipeline.projection import FSDP_WAYS, project
 from pipeline.schemas import COMPARISON_COLUMNS, METRIC_COLUMNS, validate_comparison
 from pipeline.stage import start
 from pipeline.tracking import git_commit
@@ -55,6 +58,17 @@ def load_inputs(params: Params, args):
     quantize = Path(args.quantize)
     quant = json.loads(quantize.read_text()) if quantize.exists() else None
     return rows, preds, curves, quant
+
+
+def distributed_runs(params: Params, adapters: str) -> dict[str, dict]:
+    """The `distributed` record of every variant trained over several processes (train_summary.json)."""
+    out = {}
+    for name in params.variants:
+        path = Path(adapters) / name / "train_summary.json"
+        record = json.loads(path.read_text()).get("distributed") if path.is_file() else None
+        if record:
+            out[name] = record
+    return out
 
 
 def build_table(params: Params, rows, preds, g2p: bool) -> tuple[pd.DataFrame, dict]:
@@ -201,6 +215,18 @@ S = {
         "t3_note": ("The tutorial's ~15 GB (LoRA) vs ~6 GB (QLoRA) include activations; the persistent state alone "
                     "is {lora} vs {qlora} here. Delta-LoRA's extra is the fp32 residual that keeps W's updates "
                     "exact over a bf16 base."),
+        "t3_fsdp": ("Per GPU under N-way FSDP2 (`train.distributed.strategy: fsdp`; fully_shard per decoder layer "
+                    "and the root), the same persistent state: the frozen base parameters (and Delta-LoRA's residual) "
+                    "are split N ways; the 4-bit codes (buffers), the adapter, its gradients and AdamW state stay whole "
+                    "on every GPU."),
+        "t3_fsdp_head": "| Variant | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in FSDP_WAYS) + " |",
+        "t_dist": "## 3c. Distributed training (measured)",
+        "dist_intro": ("Variants trained over several processes (`train.distributed`), each rank on its share of the "
+                       "same global batch. Base weights: the bytes each rank held, and their ratio to the whole base "
+                       "(FSDP2 shards the base parameters; 4-bit codes, VeRA's pair and the adapters stay whole on "
+                       "every rank; DDP replicates everything). Peak memory: each process's own ({method})."),
+        "dist_head": "| Variant | Strategy | Processes | Base weights per rank | Peak memory per rank |",
+        "dist_procs": "{world} ({nnodes} node(s) × {nproc})",
         "quant": ("Quantize stage (measured on this base): {layers} linear layers, {fp32} fp32 → {q4} with NF4"
                   "{dq}, {bits:.3f} bits/param (formula {formula:.3f}); mean relative reconstruction error "
                   "‖W − deq(Q(W))‖/‖W‖ = {err:.4f} (worst {worst:.4f})."),
@@ -272,6 +298,16 @@ S = {
         "t3_head": "| 变体 | 可训练参数 | 基座 | 适配器 | 梯度 | AdamW | 额外 | **合计** | 教程的说法 |",
         "t3_note": ("教程中的 ~15 GB（LoRA）与 ~6 GB（QLoRA）包含激活值；这里仅持久状态分别为 {lora} 与 {qlora}。"
                     "Delta-LoRA 的额外状态是在 bf16 基座上保持 W 更新精确所需的 fp32 残差。"),
+        "t3_fsdp": ("N 路 FSDP2（`train.distributed.strategy: fsdp`，每个解码层及根模块各做一次 fully_shard）下每张 GPU "
+                    "的同一持久状态：冻结的基座参数（以及 Delta-LoRA 的残差）被切成 N 份；4-bit 编码（缓冲区）、适配器、"
+                    "其梯度和 AdamW 状态在每张 GPU 上都是完整的。"),
+        "t3_fsdp_head": "| 变体 | " + " | ".join(f"{n} 张 GPU" for n in FSDP_WAYS) + " |",
+        "t_dist": "## 3c. 分布式训练（实测）",
+        "dist_intro": ("用多个进程训练的变体（`train.distributed`），每个 rank 处理同一全局批次中的一份。基座权重：每个 rank "
+                       "实际持有的字节数及其占完整基座的比例（FSDP2 切分基座参数；4-bit 编码、VeRA 的共享矩阵和适配器在每个 "
+                       "rank 上都是完整的；DDP 全部复制）。峰值内存：各进程自己的（{method}）。"),
+        "dist_head": "| 变体 | 策略 | 进程数 | 每个 rank 的基座权重 | 每个 rank 的峰值内存 |",
+        "dist_procs": "{world}（{nnodes} 个节点 × {nproc}）",
         "quant": ("量化阶段（在本基座上实测）：{layers} 个线性层，{fp32} fp32 → NF4{dq} 后 {q4}，{bits:.3f} 位/参数"
                   "（公式 {formula:.3f}）；平均相对重建误差 ‖W − deq(Q(W))‖/‖W‖ = {err:.4f}（最大 {worst:.4f}）。"),
         "t4": "## 4. 选择指南（由以上数据推出）",
@@ -314,7 +350,8 @@ S = {
 }
 
 
-def render(lang: str, params: Params, rows, derived, projs, quant, g2p: bool, device: str) -> str:
+def render(lang: str, params: Params, rows, derived, projs, quant, g2p: bool, device: str,
+           distributed: dict[str, dict] | None = None) -> str:
     s = S[lang]
     labels = R.TEXT[lang]["labels"]
     uses = R.TEXT[lang]["use"]
@@ -365,6 +402,9 @@ def render(lang: str, params: Params, rows, derived, projs, quant, g2p: bool, de
     q_p = next((p for n, p in projs.items() if "nf4" in n or params.variants.get(n) and params.variants[n].spec.base != "full"), None)
     lines += ["", s["t3_note"].format(lora=f"{lora_p.total_gib:.1f} GiB" if lora_p else "—",
                                       qlora=f"{q_p.total_gib:.1f} GiB" if q_p else "—")]
+    lines += ["", s["t3_fsdp"], "", s["t3_fsdp_head"], "|---|" + "---|" * len(FSDP_WAYS)]
+    lines += [f"| {name} | " + " | ".join(f"{p.per_gpu_bytes(n) / 2**30:.2f} GiB" for n in FSDP_WAYS) + " |"
+              for name, p in projs.items()]
     if quant:
         lines += ["", s["quant"].format(layers=quant["quantized_layers"], fp32=R.fmt_bytes(quant["base_fp32_bytes"]),
                                         q4=R.fmt_bytes(quant["base_4bit_bytes"]),
@@ -375,6 +415,7 @@ def render(lang: str, params: Params, rows, derived, projs, quant, g2p: bool, de
     lines += [""]
 
     lines += ranks_section(lang, params, rows)
+    lines += distributed_section(lang, rows, distributed or {})
     lines += [s["t4"], ""] + guide(lang, params, rows, derived, projs, g2p, metric) + [""]
     lines += [s["t5"], "", "![loss curves](plots/loss_curves.png)", "",
               "![quality vs trainable parameters](plots/quality_vs_params.png)", "",
@@ -396,6 +437,34 @@ def render(lang: str, params: Params, rows, derived, projs, quant, g2p: bool, de
         notes.append(s["note_imported"].format(names=", ".join(n for n in params.variants if n in imported)))
     lines += [s["t6"], ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _per_rank(values: list, fmt) -> str:
+    """Every rank's value (up to 4 ranks), else the range over ranks."""
+    if any(v is None for v in values):
+        return "—"
+    if len(values) <= 4:
+        return " / ".join(fmt(v) for v in values)
+    return f"{fmt(min(values))} – {fmt(max(values))}"
+
+
+def distributed_section(lang: str, rows, distributed: dict[str, dict]) -> list[str]:
+    """World size, strategy and per-rank memory of the variants trained over several processes."""
+    if not distributed:
+        return []
+    s = S[lang]
+    method = next((rows[n].get("peak_memory_method") for n in distributed if n in rows), "") or ""
+    out = [s["t_dist"], "", s["dist_intro"].format(method=method), "", s["dist_head"], "|---|---|---|---|---|"]
+    for name, d in distributed.items():
+        ranks = sorted(d["per_rank"], key=lambda r: r["rank"])
+        held = [r["base_weight_bytes"] for r in ranks]
+        whole = rows.get(name, {}).get("base_weight_bytes")
+        ratio = f" ({max(held) / whole:.2f}×)" if whole and None not in held else ""
+        out.append(f"| {name} | {d['strategy']} ({d['backend']}) | "
+                   + s["dist_procs"].format(world=d["world_size"], nnodes=d["nnodes"], nproc=d["nproc_per_node"])
+                   + f" | {_per_rank(held, R.fmt_bytes)}{ratio} | "
+                   + f"{_per_rank([r['peak_memory_bytes'] for r in ranks], R.fmt_bytes)} |")
+    return out + [""]
 
 
 def _module_kind(layer_name: str) -> str:
@@ -490,7 +559,8 @@ def guide(lang, params, rows, derived, projs, g2p: bool, metric: str) -> list[st
 def main(argv: list[str] | None = None) -> int:
     args, params = start("compare", __doc__, argv,
                          inputs={"--metrics": "the folder of metrics rows", "--predictions": "the folder of predictions",
-                                 "--curves": "the folder of training curves", "--quantize": "the quantize summary"},
+                                 "--curves": "the folder of training curves", "--quantize": "the quantize summary",
+                                 "--adapters": "the folder of trained adapters (their train_summary.json)"},
                          outputs={"--csv": "the comparison table", "--md": "the report", "--md-zh": "the Chinese report",
                                   "--plots": "the plots folder"})
     if params is None:
@@ -505,8 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     table.to_csv(buf, index=False)
     # everything is rendered before anything is replaced: a failure keeps the previous report
     md = {"en": args.md, "zh": args.md_zh}
-    files = {args.csv: buf.getvalue(), **{path: render(lang, params, rows, derived, projs, quant, g2p, device)
-                                          for lang, path in md.items()}}
+    distributed = distributed_runs(params, args.adapters)
+    files = {args.csv: buf.getvalue(), **{path: render(lang, params, rows, derived, projs, quant, g2p, device,
+                                                       distributed) for lang, path in md.items()}}
     commit_outputs(files, {args.plots: lambda tmp: make_plots(tmp, rows, curves, g2p)})
     print(f"compare: wrote {args.csv}, {args.md}, {args.md_zh} and {args.plots}/ for {len(params.variants)} variants", flush=True)
     return 0

@@ -17,6 +17,18 @@ estimated. Memory of the persistent training state:
 
 Activations are left out: they depend on batch size, sequence length and checkpointing, not
 on the method (within a few percent for these methods), and would dominate any constant.
+
+Per GPU under N-way FSDP2, as `variants.train(strategy="fsdp")` shards (fully_shard per decoder
+layer, then the root):
+
+    M_N = (base parameters + extra state) / N + 4-bit codes + adapter + gradients + AdamW state
+
+FSDP2 shards *parameters* (dim 0, up to one padded row per rank): the frozen bf16 base weights,
+the unquantized parts of a 4-bit base, and Delta-LoRA's residual (kept row by row like W). The
+4-bit codes and their quantization state are buffers, so every rank holds them whole; the
+adapter tensors (VeRA's shared pair included), their gradients and AdamW state are kept whole
+on every rank too (they are ~0.1-1 % of the weights, and each part's hooks then see whole
+tensors). N = 1 is the single-process total.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import variants
 from variants.quant import quantized_bytes
 
 GIB = 2**30
+FSDP_WAYS = (1, 2, 8)  # the N of the per-GPU projection under N-way FSDP2
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -46,6 +59,7 @@ class Projection:
     gradient_bytes: float
     optimizer_bytes: float
     extra_bytes: float
+    base_replicated_bytes: float = 0.0  # of base_bytes: what FSDP2 leaves whole on every rank (4-bit codes)
 
     @property
     def total_bytes(self) -> float:
@@ -54,6 +68,12 @@ class Projection:
     @property
     def total_gib(self) -> float:
         return self.total_bytes / GIB
+
+    def per_gpu_bytes(self, n: int) -> float:
+        """Persistent memory per GPU under n-way FSDP2 (see the module docstring for what is sharded)."""
+        sharded = self.base_bytes - self.base_replicated_bytes + self.extra_bytes
+        whole = self.base_replicated_bytes + self.adapter_bytes + self.gradient_bytes + self.optimizer_bytes
+        return sharded / n + whole
 
 
 def _meta_llama2_7b():
@@ -81,6 +101,7 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
     shared = sum(t.numel() for m in adapted.layer_kind.shared_modules().values() for t in m.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapted_weight_params = sum(layer.in_features * layer.out_features for layer in adapted.layers.values())
+    quantized = 0.0
     if base_bits == "4bit":
         quantized = sum(quantized_bytes(layer.in_features * layer.out_features, blocksize, double_quant)
                         for layer in adapted.layers.values())
@@ -91,4 +112,4 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
     return Projection(variant=name, base_params=base_params, trainable_params=trainable,
                       adapter_params=adapter_params + shared, base_bytes=base_bytes,
                       adapter_bytes=4.0 * (adapter_params + shared), gradient_bytes=4.0 * trainable,
-                      optimizer_bytes=8.0 * trainable, extra_bytes=extra)
+                      optimizer_bytes=8.0 * trainable, extra_bytes=extra, base_replicated_bytes=quantized)

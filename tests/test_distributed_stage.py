@@ -133,6 +133,48 @@ def test_torchrun_command_line():
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "node0:29500", "--rdzv_id", "train-lora"]
 
 
+# ----- the report and the 7B projection ---------------------------------------------------------------------
+def test_fsdp_projection_shards_the_base_parameters_and_keeps_codes_and_adapter_whole():
+    from pipeline.params import load_params
+    from pipeline.projection import project
+
+    params = load_params(ROOT / "params.yaml")
+    lora = project("lora", params.variants["lora"].spec, "bf16")
+    whole = lora.adapter_bytes + lora.gradient_bytes + lora.optimizer_bytes
+    assert lora.per_gpu_bytes(1) == lora.total_bytes
+    assert lora.per_gpu_bytes(8) == lora.base_bytes / 8 + whole
+    qlora = project("qlora", params.variants["qlora"].spec, "4bit")
+    codes = qlora.base_replicated_bytes
+    assert 0 < codes < qlora.base_bytes  # the linear layers' 4-bit codes; embeddings/norms/head stay bf16
+    assert qlora.per_gpu_bytes(2) == (qlora.base_bytes - codes) / 2 + codes + (
+        qlora.adapter_bytes + qlora.gradient_bytes + qlora.optimizer_bytes)
+    delta = project("delta_lora", params.variants["delta_lora"].spec, "bf16")
+    assert delta.per_gpu_bytes(2) - lora.per_gpu_bytes(2) == pytest.approx(delta.extra_bytes / 2)  # W's residual
+
+
+def test_the_report_shows_distributed_runs_only_when_there_are_some(tmp_path):
+    from pipeline import compare
+    from pipeline.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    run = {"strategy": "fsdp", "world_size": 2, "backend": "nccl", "nnodes": 1, "nproc_per_node": 2,
+           "per_rank": [{"rank": 1, "peak_memory_bytes": 3 * 2**30, "base_weight_bytes": 60 * 2**20},
+                        {"rank": 0, "peak_memory_bytes": 2 * 2**30, "base_weight_bytes": 70 * 2**20}]}
+    for name, summary in (("lora", {"distributed": run}), ("dora", {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_summary.json").write_text(json.dumps(summary))
+    found = compare.distributed_runs(params, str(tmp_path))
+    assert found == {"lora": run}
+    rows = {"lora": {"base_weight_bytes": 140 * 2**20, "peak_memory_method": "cuda.max_memory_allocated"}}
+    en = compare.distributed_section("en", rows, found)
+    assert en[0] == "## 3c. Distributed training (measured)"
+    assert "| lora | fsdp (nccl) | 2 (1 node(s) × 2) | 70.0 MiB / 60.0 MiB (0.50×) | 2.00 GiB / 3.00 GiB |" in en
+    zh = compare.distributed_section("zh", rows, found)
+    assert zh[0] == "## 3c. 分布式训练（实测）"
+    assert "| lora | fsdp (nccl) | 2（1 个节点 × 2） | 70.0 MiB / 60.0 MiB (0.50×) | 2.00 GiB / 3.00 GiB |" in zh
+    assert compare.distributed_section("en", rows, {}) == []  # one process: nothing in the report
+
+
 # ----- the stage under torchrun -----------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
