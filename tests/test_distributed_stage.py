@@ -208,16 +208,18 @@ class Workspace:
         (self.root / name).write_text(yaml.safe_dump(params, sort_keys=False))
         return name
 
-    def distributed(self, strategy: str) -> str:
-        return self.write_params(f"{strategy}.yaml", strategy=strategy, nproc_per_node=2, backend="gloo",
-                                 rdzv_endpoint=f"127.0.0.1:{_free_port()}")
+    def distributed(self, strategy: str, nnodes: int = 1) -> str:
+        """A params file for 2 processes: 1 node x 2, or (the README's recipe) 2 nodes x 1 meeting at 127.0.0.1."""
+        return self.write_params(f"{strategy}-{nnodes}.yaml", strategy=strategy, nproc_per_node=2 // nnodes,
+                                 nnodes=nnodes, backend="gloo", rdzv_endpoint=f"127.0.0.1:{_free_port()}")
 
     def argv(self, params_file: str, out: str) -> list[str]:
         return stage_argv("train@lora", "--params", params_file, "--adapter", f"models/adapters/{out}",
                           "--curve", f"reports/curves/{out}.csv", "--checkpoints", f"models/checkpoints/{out}")
 
-    def stage(self, params_file: str, out: str, fault: str | None = None) -> dict:
-        """Run the train stage as DVC does (`python -m pipeline.train ...`), bounded in time."""
+    def stage(self, params_file: str, out: str, fault: str | None = None, nodes: int = 1) -> dict:
+        """Run the train stage as DVC does (`python -m pipeline.train ...`), bounded in time; with
+        `nodes` 2, the same command twice at once, as on two machines."""
         token = uuid.uuid4().hex
         stamp = self.root / f"fault-{token}"
         paths = ([str(FAULTS)] if fault else []) + [str(CODE)]
@@ -227,18 +229,24 @@ class Workspace:
         if fault:
             env.update(STAGE_FAULT=fault, STAGE_FAULT_STAMP=str(stamp))
         started = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *self.argv(params_file, out)], cwd=self.root,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *self.argv(params_file, out)],
+                                  cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True) for _ in range(nodes)]
+        outs, errs = [], []
         try:
-            stdout, stderr = proc.communicate(timeout=STAGE_TIMEOUT)
+            for proc in procs:
+                stdout, stderr = proc.communicate(timeout=max(1.0, started + STAGE_TIMEOUT - time.time()))
+                outs.append(stdout)
+                errs.append(stderr)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate()
             _kill_tagged(token)
         ended = time.time()
-        return {"rc": proc.returncode, "out": stdout, "err": stderr, "ended": ended, "seconds": ended - started,
+        return {"rc": max(abs(p.returncode) for p in procs), "out": "".join(outs), "err": "".join(errs),
+                "ended": ended, "seconds": ended - started,
                 "fault_at": float(stamp.read_text()) if stamp.exists() else None}
 
     def adapter(self, out: str) -> dict[str, torch.Tensor]:
@@ -251,7 +259,8 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """A stage-ready folder (tiny Llama, prepared data), the one-process run and an uninterrupted FSDP2 run."""
+    """A stage-ready folder (tiny Llama, prepared data), the one-process run and an uninterrupted FSDP2 run
+    over two "machines" (two stage processes, one rank each, meeting at 127.0.0.1: the README's recipe)."""
     base = tmp_path_factory.mktemp("dist-stage")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = small_pipeline_params(raw, save_tiny_model(base / "tiny-model"), {"lora": {"r": 4}}, steps=STEPS,
@@ -269,14 +278,15 @@ def ws(tmp_path_factory):
         os.chdir(cwd)
     # the reference distributed run also talks to MLflow (the repository's sqlite store)
     workspace.params["tracking"]["enabled"] = True
-    workspace.uninterrupted = workspace.stage(workspace.distributed("fsdp"), "fsdp")
+    workspace.uninterrupted = workspace.stage(workspace.distributed("fsdp", nnodes=2), "fsdp", nodes=2)
     workspace.params["tracking"]["enabled"] = False
     return workspace
 
 
-def test_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_run(ws):
+def test_two_node_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_run(ws):
     run = ws.uninterrupted
     assert run["rc"] == 0, run["out"][-3000:] + run["err"][-3000:]
+    assert run["out"].count("strategy fsdp: 1 process(es) x 2 node(s) under torchrun, rendezvous at 127.0.0.1:") == 2
     for rank in (0, 1):
         assert f"[lora rank {rank}/2] {STEPS}/{STEPS} loss" in run["out"]  # every rank prints its progress
     assert run["out"].count("] done in ") == 1 and "[lora rank 0/2] done in " in run["out"]
@@ -295,7 +305,7 @@ def test_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_run(ws):
 
     summary = json.loads((ws.root / "models/adapters/fsdp/train_summary.json").read_text())
     dist = summary["distributed"]
-    assert (dist["strategy"], dist["world_size"], dist["backend"], dist["nnodes"]) == ("fsdp", 2, "gloo", 1)
+    assert (dist["strategy"], dist["world_size"], dist["backend"], dist["nnodes"]) == ("fsdp", 2, "gloo", 2)
     assert [r["rank"] for r in dist["per_rank"]] == [0, 1]
     for entry in dist["per_rank"]:
         assert entry["peak_memory_bytes"] > 0 and entry["device"] == "cpu"
@@ -309,10 +319,11 @@ def test_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_run(ws):
         params = dict(db.execute("select key, value from params"))
     assert {"world_size", "peak_memory_bytes.rank0", "peak_memory_bytes.rank1", "base_weight_bytes.rank0",
             "base_weight_bytes.rank1"} <= metrics
-    assert params["train.distributed.strategy"] == "fsdp" and params["train.distributed.nproc_per_node"] == "2"
+    assert params["train.distributed.strategy"] == "fsdp" and params["train.distributed.nnodes"] == "2"
 
 
 def test_sigkill_of_rank_1_then_rerun_resumes_to_a_bit_identical_adapter(ws):
+    """One machine x 2 processes this time: the same world (fsdp, 2 ranks) as the reference run."""
     params_file = ws.distributed("fsdp")
     killed = ws.stage(params_file, "killed", fault="1:4:kill")  # in training step 4; the last checkpoint: step 2
     assert killed["rc"] != 0 and killed["fault_at"] is not None, killed["out"][-2000:] + killed["err"][-2000:]
