@@ -216,15 +216,16 @@ S = {
                     "is {lora} vs {qlora} here. Delta-LoRA's extra is the fp32 residual that keeps W's updates "
                     "exact over a bf16 base."),
         "t3_fsdp": ("Per GPU under N-way FSDP2 (`train.distributed.strategy: fsdp`; fully_shard per decoder layer "
-                    "and the root), the same persistent state: the frozen base parameters (and Delta-LoRA's residual) "
-                    "are split N ways; the 4-bit codes (buffers), the adapter, its gradients and AdamW state stay whole "
-                    "on every GPU."),
+                    "and the root), the same persistent state: the frozen base weights, 4-bit codes included (and "
+                    "Delta-LoRA's residual), are split N ways; the 4-bit quantization state, the adapter, its gradients "
+                    "and AdamW state stay whole on every GPU."),
         "t3_fsdp_head": "| Variant | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in FSDP_WAYS) + " |",
         "t_dist": "## 3c. Distributed training (measured)",
         "dist_intro": ("Variants trained over several processes (`train.distributed`), each rank on its share of the "
                        "same global batch. Base weights: the bytes each rank held, and their ratio to the whole base "
-                       "(FSDP2 shards the base parameters; 4-bit codes, VeRA's pair and the adapters stay whole on "
-                       "every rank; DDP replicates everything). Peak memory: each process's own ({method})."),
+                       "(FSDP2 shards the base weights and 4-bit codes; the 4-bit quantization state, VeRA's pair and "
+                       "the adapters stay whole on every rank; DDP replicates everything). Peak memory: each process's "
+                       "own ({method})."),
         "dist_head": "| Variant | Strategy | Processes | Base weights per rank | Peak memory per rank |",
         "dist_procs": "{world} ({nnodes} node(s) × {nproc})",
         "quant": ("Quantize stage (measured on this base): {layers} linear layers, {fp32} fp32 → {q4} with NF4"
@@ -299,13 +300,13 @@ S = {
         "t3_note": ("教程中的 ~15 GB（LoRA）与 ~6 GB（QLoRA）包含激活值；这里仅持久状态分别为 {lora} 与 {qlora}。"
                     "Delta-LoRA 的额外状态是在 bf16 基座上保持 W 更新精确所需的 fp32 残差。"),
         "t3_fsdp": ("N 路 FSDP2（`train.distributed.strategy: fsdp`，每个解码层及根模块各做一次 fully_shard）下每张 GPU "
-                    "的同一持久状态：冻结的基座参数（以及 Delta-LoRA 的残差）被切成 N 份；4-bit 编码（缓冲区）、适配器、"
-                    "其梯度和 AdamW 状态在每张 GPU 上都是完整的。"),
+                    "的同一持久状态：冻结的基座权重（含 4-bit 编码，以及 Delta-LoRA 的残差）被切成 N 份；4-bit 量化状态、"
+                    "适配器、其梯度和 AdamW 状态在每张 GPU 上都是完整的。"),
         "t3_fsdp_head": "| 变体 | " + " | ".join(f"{n} 张 GPU" for n in FSDP_WAYS) + " |",
         "t_dist": "## 3c. 分布式训练（实测）",
         "dist_intro": ("用多个进程训练的变体（`train.distributed`），每个 rank 处理同一全局批次中的一份。基座权重：每个 rank "
-                       "实际持有的字节数及其占完整基座的比例（FSDP2 切分基座参数；4-bit 编码、VeRA 的共享矩阵和适配器在每个 "
-                       "rank 上都是完整的；DDP 全部复制）。峰值内存：各进程自己的（{method}）。"),
+                       "实际持有的字节数及其占完整基座的比例（FSDP2 切分基座权重和 4-bit 编码；4-bit 量化状态、VeRA 的共享矩阵"
+                       "和适配器在每个 rank 上都是完整的；DDP 全部复制）。峰值内存：各进程自己的（{method}）。"),
         "dist_head": "| 变体 | 策略 | 进程数 | 每个 rank 的基座权重 | 每个 rank 的峰值内存 |",
         "dist_procs": "{world}（{nnodes} 个节点 × {nproc}）",
         "quant": ("量化阶段（在本基座上实测）：{layers} 个线性层，{fp32} fp32 → NF4{dq} 后 {q4}，{bits:.3f} 位/参数"

@@ -23,16 +23,17 @@ layer, then the root):
 
     M_N = (base parameters + extra state) / N + 4-bit codes + adapter + gradients + AdamW state
 
-FSDP2 shards *parameters* (dim 0, up to one padded row per rank): the frozen bf16 base weights,
-the unquantized parts of a 4-bit base, and Delta-LoRA's residual (kept row by row like W). The
-4-bit codes and their quantization state are buffers, so every rank holds them whole; the
-adapter tensors (VeRA's shared pair included), their gradients and AdamW state are kept whole
-on every rank too (they are ~0.1-1 % of the weights, and each part's hooks then see whole
-tensors). N = 1 is the single-process total.
+FSDP2 shards by dim-0 rows (up to one padded row per rank): the frozen bf16 base weights, the
+4-bit codes (frozen parameters while sharded), the unquantized parts of a 4-bit base, and
+Delta-LoRA's residual (kept row by row like W). Every rank holds whole: the 4-bit quantization
+state (absmax, double-quantization constants, code tables), the adapter tensors (VeRA's shared
+pair included), their gradients and AdamW state (they are ~0.1-1 % of the weights, and each
+part's hooks then see whole tensors). N = 1 is the single-process total.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ class Projection:
     gradient_bytes: float
     optimizer_bytes: float
     extra_bytes: float
-    base_replicated_bytes: float = 0.0  # of base_bytes: what FSDP2 leaves whole on every rank (4-bit codes)
+    base_replicated_bytes: float = 0.0  # of base_bytes: what FSDP2 leaves whole on every rank (4-bit state)
 
     @property
     def total_bytes(self) -> float:
@@ -101,10 +102,11 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
     shared = sum(t.numel() for m in adapted.layer_kind.shared_modules().values() for t in m.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapted_weight_params = sum(layer.in_features * layer.out_features for layer in adapted.layers.values())
-    quantized = 0.0
+    state = 0.0
     if base_bits == "4bit":
         quantized = sum(quantized_bytes(layer.in_features * layer.out_features, blocksize, double_quant)
                         for layer in adapted.layers.values())
+        state = quantized - sum(math.ceil(layer.in_features * layer.out_features / 2) for layer in adapted.layers.values())
         base_bytes = quantized + 2 * (base_params - adapted_weight_params)
     else:
         base_bytes = 2.0 * base_params
@@ -112,4 +114,4 @@ def project(name: str, spec: variants.AdapterSpec, base_bits: str = "bf16", bloc
     return Projection(variant=name, base_params=base_params, trainable_params=trainable,
                       adapter_params=adapter_params + shared, base_bytes=base_bytes,
                       adapter_bytes=4.0 * (adapter_params + shared), gradient_bytes=4.0 * trainable,
-                      optimizer_bytes=8.0 * trainable, extra_bytes=extra, base_replicated_bytes=quantized)
+                      optimizer_bytes=8.0 * trainable, extra_bytes=extra, base_replicated_bytes=state)

@@ -38,6 +38,11 @@ CODE = Path(pipeline.__file__).parent.parent  # where this test's pipeline/ and 
 FAULTS = Path(__file__).parent / "stage_faults"
 STEPS = 6
 STAGE_TIMEOUT = 120
+# CPU + gloo everywhere by default; bench/gpu_check.sh sets DIST_STAGE_DEVICE=cuda on a machine with
+# 2+ GPUs to run the same runs on CUDA with nccl.
+DEVICE = os.environ.get("DIST_STAGE_DEVICE", "cpu")
+BACKEND = "nccl" if DEVICE == "cuda" else "gloo"
+NODES = 2 if DEVICE == "cpu" else 1  # two "machines" on one host would share cuda:0 (LOCAL_RANK 0 on both)
 
 
 # ----- params validation ----------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def test_torchrun_command_line():
 
 
 # ----- the report and the 7B projection ---------------------------------------------------------------------
-def test_fsdp_projection_shards_the_base_parameters_and_keeps_codes_and_adapter_whole():
+def test_fsdp_projection_shards_base_and_codes_and_keeps_quant_state_and_adapter_whole():
     from pipeline.params import load_params
     from pipeline.projection import project
 
@@ -144,9 +149,12 @@ def test_fsdp_projection_shards_the_base_parameters_and_keeps_codes_and_adapter_
     assert lora.per_gpu_bytes(1) == lora.total_bytes
     assert lora.per_gpu_bytes(8) == lora.base_bytes / 8 + whole
     qlora = project("qlora", params.variants["qlora"].spec, "4bit")
-    codes = qlora.base_replicated_bytes
-    assert 0 < codes < qlora.base_bytes  # the linear layers' 4-bit codes; embeddings/norms/head stay bf16
-    assert qlora.per_gpu_bytes(2) == (qlora.base_bytes - codes) / 2 + codes + (
+    # what stays whole: per weight 1 B of absmax per 64 and 4 B per 64*256 (double quantization); per
+    # layer the code tables (16 + 256 fp32) and the offset -- Llama-2-7B's 32 x 7 linear layers
+    state = qlora.base_replicated_bytes
+    weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert state == weights * (1 / 64 + 4 / (64 * 256)) + 32 * 7 * (16 * 4 + 256 * 4 + 4)
+    assert qlora.per_gpu_bytes(2) == (qlora.base_bytes - state) / 2 + state + (
         qlora.adapter_bytes + qlora.gradient_bytes + qlora.optimizer_bytes)
     delta = project("delta_lora", params.variants["delta_lora"].spec, "bf16")
     assert delta.per_gpu_bytes(2) - lora.per_gpu_bytes(2) == pytest.approx(delta.extra_bytes / 2)  # W's residual
@@ -211,7 +219,7 @@ class Workspace:
     def distributed(self, strategy: str, nnodes: int = 1) -> str:
         """A params file for 2 processes: 1 node x 2, or (the README's recipe) 2 nodes x 1 meeting at 127.0.0.1."""
         return self.write_params(f"{strategy}-{nnodes}.yaml", strategy=strategy, nproc_per_node=2 // nnodes,
-                                 nnodes=nnodes, backend="gloo", rdzv_endpoint=f"127.0.0.1:{_free_port()}")
+                                 nnodes=nnodes, backend=BACKEND, rdzv_endpoint=f"127.0.0.1:{_free_port()}")
 
     def argv(self, params_file: str, out: str) -> list[str]:
         return stage_argv("train@lora", "--params", params_file, "--adapter", f"models/adapters/{out}",
@@ -266,6 +274,7 @@ def ws(tmp_path_factory):
     params = small_pipeline_params(raw, save_tiny_model(base / "tiny-model"), {"lora": {"r": 4}}, steps=STEPS,
                                    checkpoint_interval=2, eval_interval=3)
     params["tracking"]["enabled"] = False
+    params["train"]["device"] = DEVICE
     workspace = Workspace(prepared_workspace(base / "repo", params), params)
 
     from pipeline import train
@@ -278,7 +287,7 @@ def ws(tmp_path_factory):
         os.chdir(cwd)
     # the reference distributed run also talks to MLflow (the repository's sqlite store)
     workspace.params["tracking"]["enabled"] = True
-    workspace.uninterrupted = workspace.stage(workspace.distributed("fsdp", nnodes=2), "fsdp", nodes=2)
+    workspace.uninterrupted = workspace.stage(workspace.distributed("fsdp", nnodes=NODES), "fsdp", nodes=NODES)
     workspace.params["tracking"]["enabled"] = False
     return workspace
 
@@ -286,7 +295,8 @@ def ws(tmp_path_factory):
 def test_two_node_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_run(ws):
     run = ws.uninterrupted
     assert run["rc"] == 0, run["out"][-3000:] + run["err"][-3000:]
-    assert run["out"].count("strategy fsdp: 1 process(es) x 2 node(s) under torchrun, rendezvous at 127.0.0.1:") == 2
+    assert run["out"].count(f"strategy fsdp: {2 // NODES} process(es) x {NODES} node(s) under torchrun, rendezvous "
+                            "at 127.0.0.1:") == NODES
     for rank in (0, 1):
         assert f"[lora rank {rank}/2] {STEPS}/{STEPS} loss" in run["out"]  # every rank prints its progress
     assert run["out"].count("] done in ") == 1 and "[lora rank 0/2] done in " in run["out"]
@@ -305,10 +315,10 @@ def test_two_node_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_ru
 
     summary = json.loads((ws.root / "models/adapters/fsdp/train_summary.json").read_text())
     dist = summary["distributed"]
-    assert (dist["strategy"], dist["world_size"], dist["backend"], dist["nnodes"]) == ("fsdp", 2, "gloo", 2)
+    assert (dist["strategy"], dist["world_size"], dist["backend"], dist["nnodes"]) == ("fsdp", 2, BACKEND, NODES)
     assert [r["rank"] for r in dist["per_rank"]] == [0, 1]
     for entry in dist["per_rank"]:
-        assert entry["peak_memory_bytes"] > 0 and entry["device"] == "cpu"
+        assert entry["peak_memory_bytes"] > 0 and entry["device"].startswith(DEVICE)
         # FSDP2 shards every base parameter: each rank holds about half (rotary buffers stay whole)
         assert 0.4 * summary["base_weight_bytes"] < entry["base_weight_bytes"] < 0.6 * summary["base_weight_bytes"]
     assert "distributed" not in json.loads((ws.root / "models/adapters/single/train_summary.json").read_text())
@@ -319,7 +329,7 @@ def test_two_node_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_ru
         params = dict(db.execute("select key, value from params"))
     assert {"world_size", "peak_memory_bytes.rank0", "peak_memory_bytes.rank1", "base_weight_bytes.rank0",
             "base_weight_bytes.rank1"} <= metrics
-    assert params["train.distributed.strategy"] == "fsdp" and params["train.distributed.nnodes"] == "2"
+    assert params["train.distributed.strategy"] == "fsdp" and params["train.distributed.nnodes"] == str(NODES)
 
 
 def test_sigkill_of_rank_1_then_rerun_resumes_to_a_bit_identical_adapter(ws):
