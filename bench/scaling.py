@@ -19,8 +19,10 @@ rank's time per step: the ranks wait for each other), and the table shows, per c
 the median over rounds with the range. Tokens/s counts the global batch's tokens. Per rank: peak
 memory (CUDA: max_memory_allocated; CPU: peak RSS, the whole process) and the bytes of base
 weights held (`variants.distributed.base_bytes_per_rank`: FSDP2 shards the base's parameters).
-Communication overhead per step = (ddp or fsdp xN step) − (1 proc, B/N step). On a 2-core CPU no
-speed-up is expected: the figures that matter there are the bytes per rank and the overhead.
+Communication overhead per step = (ddp or fsdp xN step) − (1 proc, B/N step). Every process runs
+--threads torch threads (default 1), so on a CPU N processes use N cores where one process uses
+one: the speed-up there is the cores', and the figures that matter are the bytes per rank and
+the overhead.
 """
 
 from __future__ import annotations
@@ -201,7 +203,6 @@ def fmt_bytes(n: float) -> str:
 
 def compare(args, model: str) -> list[str]:
     n = args.nproc
-    cpus = os.cpu_count() or 1
     configs = [("1 proc", "none", 1, args.rows), (f"1 proc, B/{n}", "none", 1, args.rows // n)]
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     if args.device == "cpu" or gpus >= n:
@@ -214,7 +215,7 @@ def compare(args, model: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for label, config, nproc, rows in configs:
-                threads = max(1, cpus // nproc) if args.device == "cpu" else args.threads
+                threads = args.threads
                 started = time.perf_counter()
                 runs[label].append(launch(args, model, config, nproc, rows, threads, Path(tmp) / "out.json"))
                 print(f"  round {round_ + 1}/{args.rounds} {label}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -255,7 +256,7 @@ def main() -> None:
     parser.add_argument("--batch", default="8x64", help="global batch, ROWSxTOKENS")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process on CUDA")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (every configuration)")
     parser.add_argument("--peft", action="store_true", help="also time PEFT's lora/dora/qlora (one process)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per launched run")
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
