@@ -99,6 +99,10 @@ def _resolve_backend(cfg: DistributedConfig, device: torch.device) -> str:
 
 def start_worker(cfg: DistributedConfig, device_choice: str) -> Worker:
     """Join the process group torchrun prepared; the device is cuda:LOCAL_RANK on GPUs."""
+    # torchrun runs workers unbuffered (-u): print() would then write a line and its newline separately,
+    # and the ranks' lines, sharing one pipe, interleave. One write per line keeps every line whole.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=False)
     world_size, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if world_size != cfg.world_size:
         raise ParamsError(f"params.yaml: train.distributed asks for {cfg.nproc_per_node} x {cfg.nnodes} = "
