@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny models
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the worktree's variants
 
-from conftest import tiny_llama  # noqa: E402
+from conftest import randomize_adapter, tiny_llama  # noqa: E402
 
 import variants  # noqa: E402
 from variants import distributed  # noqa: E402
@@ -39,11 +39,11 @@ SPECS = {
     "adalora": {"r": 6, "target_r": 2, "tinit": 0, "tfinal": 1},
     "sora": {"sora_xi": 0.3},
 }
-LR = {"vera": 5e-2}
+LR = {"vera": 5e-3}
 
 
-def spec_for(method: str, steps: int = STEPS) -> dict:
-    spec = {"preset": method, "r": 4, "alpha": 8, "dropout": 0.0, **SPECS[method]}
+def spec_for(method: str, steps: int = STEPS, dropout: float = 0.0) -> dict:
+    spec = {"preset": method, "r": 4, "alpha": 8, "dropout": dropout, **SPECS[method]}
     if method == "adalora":
         spec["total_step"] = steps
     return spec
@@ -68,8 +68,12 @@ def batches(steps: int) -> list[dict[str, torch.Tensor]]:
     return [global_batch(seed) for seed in range(steps)]
 
 
-def build(method: str, steps: int = STEPS):
-    return variants.build(tiny_llama(seed=0), spec_for(method, steps))
+def build(method: str, steps: int = STEPS, dropout: float = 0.0):
+    adapted = variants.build(tiny_llama(seed=0), spec_for(method, steps, dropout))
+    # generic gradients: with B = 0 or λ_b = 0 some gradients are exactly 0 in one process and
+    # ~1e-10 under a different summation order, which Adam's first step turns into ±lr
+    randomize_adapter(adapted, seed=1)
+    return adapted
 
 
 def result(adapted) -> dict[str, torch.Tensor]:
@@ -83,9 +87,9 @@ def result(adapted) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_case(method: str, strategy: str, steps: int = STEPS, checkpoint=None, on_step=None):
-    adapted = build(method, steps)
-    settings = variants.TrainSettings(steps=steps, lr=LR.get(method, 1e-2))
+def run_case(method: str, strategy: str, steps: int = STEPS, checkpoint=None, on_step=None, dropout: float = 0.0):
+    adapted = build(method, steps, dropout)
+    settings = variants.TrainSettings(steps=steps, lr=LR.get(method, 1e-3))
     records = variants.train(adapted, batches(steps), settings, checkpoint=checkpoint, on_step=on_step,
                              strategy=strategy)
     return adapted, records
@@ -96,22 +100,47 @@ class Crash(RuntimeError):
 
 
 def resume_case(method: str, strategy: str, folder: Path) -> dict:
-    """Uninterrupted 4 steps vs 4 steps checkpointed at 2, crashed at 3 and resumed: torch.equal?"""
-    whole, _ = run_case(method, strategy, steps=4)
+    """Uninterrupted 4 steps vs 4 steps checkpointed at 2, crashed at 3 and resumed: torch.equal?
+
+    With dropout where the method allows it: each rank's generator must continue its own stream.
+    """
+    dropout = 0.0 if method == "delta_lora" else 0.1
+    whole, _ = run_case(method, strategy, steps=4, dropout=dropout)
 
     def crash(record):
         if record.step == 2:
             raise Crash("simulated crash after the checkpoint at step 2")
 
     try:
-        run_case(method, strategy, steps=4, checkpoint=variants.Checkpointer(folder, 2, "test"), on_step=crash)
+        run_case(method, strategy, steps=4, checkpoint=variants.Checkpointer(folder, 2, "test"), on_step=crash,
+                 dropout=dropout)
         raise AssertionError("the run did not crash")
     except Crash:
         pass
-    resumed, records = run_case(method, strategy, steps=4, checkpoint=variants.Checkpointer(folder, 2, "test"))
+    checkpoint = variants.Checkpointer(folder, 2, "test")
+    steps_run: list[int] = []
+    resumed, _ = run_case(method, strategy, steps=4, checkpoint=checkpoint, dropout=dropout,
+                          on_step=lambda record: steps_run.append(record.step))
     a, b = result(whole), result(resumed)
     return {"equal": sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a),
-            "steps_run_after_resume": [r.step for r in records]}
+            "steps_run_after_resume": steps_run, "resumed_from": str(checkpoint.resumed_from)}
+
+
+def nan_case(method: str, strategy: str, rank: int) -> str | None:
+    """Rank 1's loss turns NaN at step 1: every rank must stop there; the message each rank raised."""
+    calls: list[int] = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss = variants.training.model_loss(model, batch)
+        return loss * float("nan") if rank == 1 and len(calls) == 2 else loss
+
+    try:
+        variants.train(build(method), batches(STEPS), variants.TrainSettings(steps=STEPS, lr=1e-3),
+                       loss_fn=poisoned, strategy=strategy)
+    except variants.NonFiniteLossError as err:
+        return str(err)
+    return None
 
 
 def main(out: Path, cases: list[str]) -> None:
@@ -124,7 +153,9 @@ def main(out: Path, cases: list[str]) -> None:
         for case in cases:
             parts = case.split(":")
             info: dict = {"world_size": w.world_size, "rank": w.rank}
-            if parts[0] == "resume":
+            if parts[0] == "nan":
+                info["error"] = nan_case(parts[1], parts[2], w.rank)
+            elif parts[0] == "resume":
                 with tempfile.TemporaryDirectory() as tmp:
                     # every rank must see the folder rank 0 writes: one shared name, made by rank 0
                     folder = Path(distributed.all_gather_object(tmp)[0]) / "ckpt"

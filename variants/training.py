@@ -200,7 +200,11 @@ def _parallel_backward(adapted: AdaptedModel, wrapped: distributed.Wrapped, loss
     loss = float(global_loss)
     total = loss if extra is None else loss + float(extra.detach())
     if not math.isfinite(total):
-        raise NonFiniteLossError(f"{adapted.spec.label}: loss is {total} at step {step}{_where(world)}")
+        # every rank is here together (the value is global): name the ranks whose own loss was not finite
+        bad = [rank for rank, ok in enumerate(distributed.all_gather_object(bool(torch.isfinite(local_loss))))
+               if not ok]
+        raise NonFiniteLossError(f"{adapted.spec.label}: loss is {total} at step {step} (not finite on "
+                                 f"rank {', '.join(map(str, bad)) or 'none: the extra loss'} of {world.world_size})")
     scaled = local_loss * weight
     (scaled if extra is None else scaled + extra).backward()
     wrapped.sync_gradients(params)
