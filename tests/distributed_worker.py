@@ -89,6 +89,12 @@ def result(adapted) -> dict[str, torch.Tensor]:
 
 def run_case(method: str, strategy: str, steps: int = STEPS, checkpoint=None, on_step=None, dropout: float = 0.0):
     adapted = build(method, steps, dropout)
+    if on_step is None:
+        def on_step(record):  # a validation forward on every rank, as the train stage runs one
+            adapted.model.eval()
+            with torch.no_grad():
+                adapted.model(**{k: v[:2] for k, v in global_batch(99).items()})
+            adapted.model.train()
     settings = variants.TrainSettings(steps=steps, lr=LR.get(method, 1e-3))
     records = variants.train(adapted, batches(steps), settings, checkpoint=checkpoint, on_step=on_step,
                              strategy=strategy)
@@ -124,6 +130,13 @@ def resume_case(method: str, strategy: str, folder: Path) -> dict:
     a, b = result(whole), result(resumed)
     return {"equal": sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a),
             "steps_run_after_resume": steps_run, "resumed_from": str(checkpoint.resumed_from)}
+
+
+def unwrapped(model: torch.nn.Module) -> bool:
+    """No sharded tensor, no FSDP class or hook left, the 4-bit codes buffers again."""
+    return (not any(distributed.is_sharded(t) for t in list(model.parameters()) + list(model.buffers()))
+            and not any(type(m).__name__.startswith("FSDP") or m._forward_pre_hooks for m in model.modules())
+            and all(name in m._buffers for m in model.modules() for name in getattr(m, "weight_buffers", ())))
 
 
 def nan_case(method: str, strategy: str, rank: int) -> str | None:
@@ -169,8 +182,7 @@ def main(out: Path, cases: list[str]) -> None:
                 info.update(records=[vars(r) for r in records], parts=adapted.parts_summary(),
                             base_bytes_per_rank=distributed.base_bytes_per_rank(adapted),
                             base_bytes_whole=adapted.base_weight_bytes(),
-                            unwrapped=not any(distributed.is_sharded(t) for t in adapted.model.parameters())
-                            and "FSDP" not in type(adapted.model).__name__)
+                            unwrapped=unwrapped(adapted.model))
             (out / f"{case}.rank{w.rank}.json").write_text(json.dumps(info, default=str))
     finally:
         torch.distributed.destroy_process_group()

@@ -139,18 +139,25 @@ def test_adalora_and_sora_really_reallocate_in_the_compared_runs():
 
 
 def _base_rows_bytes(method: str, world_size: int, rank: int) -> int:
-    """The formula: each frozen parameter's dim-0 chunk (torch.chunk sizes), buffers and 4-bit storage whole."""
+    """The formula: rank k holds the k-th dim-0 chunk (torch.chunk sizes) of every frozen base
+    parameter and of every 4-bit code tensor; buffers and the 4-bit quantization state whole."""
     adapted = worker.build(method)
     adapter = adapted.adapter_tensors_ids()
-    quantized = [m for m in adapted.model.modules() if callable(getattr(m, "storage_bytes", None))]
-    total = sum(m.storage_bytes() for m in quantized)
-    inside = {id(t) for m in quantized for t in list(m.parameters()) + list(m.buffers())}
+
+    def chunk_bytes(t: torch.Tensor) -> int:
+        size = -(-t.shape[0] // world_size)
+        rows = max(0, min(size, t.shape[0] - rank * size))
+        return rows * (t.numel() // t.shape[0]) * t.element_size()
+
+    total, inside = 0, set()
+    for m in adapted.model.modules():
+        if callable(getattr(m, "storage_bytes", None)):
+            codes = [getattr(m, name) for name in m.weight_buffers]
+            total += m.storage_bytes() - sum(c.numel() * c.element_size() - chunk_bytes(c) for c in codes)
+            inside |= {id(t) for t in list(m.parameters()) + list(m.buffers())}
     for p in adapted.model.parameters():
-        if id(p) in adapter or id(p) in inside:
-            continue
-        chunk = -(-p.shape[0] // world_size)
-        rows = max(0, min(chunk, p.shape[0] - rank * chunk))
-        total += rows * (p.numel() // p.shape[0]) * p.element_size()
+        if id(p) not in adapter and id(p) not in inside:
+            total += chunk_bytes(p)
     total += sum(b.numel() * b.element_size() for b in adapted.model.buffers()
                  if id(b) not in adapter and id(b) not in inside)
     return total

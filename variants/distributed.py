@@ -256,6 +256,7 @@ class Wrapped:
         self.module: nn.Module = adapted.model
         self._ddp = None
         self._fsdp_modules: list[nn.Module] = []
+        self._weight_buffers: list[tuple[nn.Module, str]] = []
         model = adapted.model
         if strategy == "none":
             return
@@ -273,6 +274,7 @@ class Wrapped:
             self._broadcast_from_rank0(model)  # what DDP does at construction
             mesh = _mesh("cuda" if next(model.parameters()).is_cuda else "cpu", self.world.world_size)
             ignored = _adapter_params(adapted)
+            self._weight_buffers = _weight_buffers_as_parameters(model)
             for block in decoder_layers(model):
                 fully_shard(block, mesh=mesh, ignored_params=ignored)
                 self._fsdp_modules.append(block)
@@ -300,6 +302,21 @@ class Wrapped:
             _unshard_fsdp(self._fsdp_modules)
             self._fsdp_modules = []
             self.module = self.adapted.model
+            for module, name in self._weight_buffers:
+                param = module._parameters.pop(name)
+                module.register_buffer(name, param.detach())
+
+
+def _weight_buffers_as_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Turn the buffers that hold frozen weights (`weight_buffers`: the 4-bit codes) into frozen
+    parameters, so that FSDP2 shards them like any base weight; (module, name) of each."""
+    moved = []
+    for module in model.modules():
+        for name in getattr(module, "weight_buffers", ()):
+            tensor = module._buffers.pop(name)
+            module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            moved.append((module, name))
+    return moved
 
 
 def _unshard_fsdp(fsdp_modules: list[nn.Module]) -> None:
@@ -340,9 +357,9 @@ def _unshard_fsdp(fsdp_modules: list[nn.Module]) -> None:
 
 
 def base_bytes_per_rank(adapted: AdaptedModel) -> int:
-    """Bytes of base weights this rank holds: its shards of sharded parameters, every buffer and
-    every 4-bit layer's codes and quantization state whole (they are buffers: FSDP2 leaves them
-    replicated); adapter tensors excluded. After a distributed `train` has unwrapped the model,
+    """Bytes of base weights this rank holds: its shards of sharded parameters (the 4-bit codes
+    included), every buffer and each 4-bit layer's quantization state (absmax, code tables)
+    whole; adapter tensors excluded. After a distributed `train` has unwrapped the model,
     the figure measured while it ran (`adapted.distributed_stats`)."""
     model = adapted.model
     tensors = list(model.parameters()) + list(model.buffers())
@@ -356,8 +373,10 @@ def base_bytes_per_rank(adapted: AdaptedModel) -> int:
     for module in model.modules():
         storage = getattr(module, "storage_bytes", None)
         if callable(storage):
-            total += storage()
-            seen |= {id(t) for t in list(module.parameters()) + list(module.buffers())}
+            total += storage()  # counts its sharded codes whole: take back what other ranks hold
+            inside = list(module.parameters()) + list(module.buffers())
+            total -= sum((t.numel() - t.to_local().numel()) * t.element_size() for t in inside if is_sharded(t))
+            seen |= {id(t) for t in inside}
     for t in tensors:
         if id(t) in adapter or id(t) in seen:
             continue
