@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny models
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the worktree's variants
 
-from conftest import randomize_adapter, tiny_llama  # noqa: E402
+from conftest import randomize_adapter, tiny_gpt2, tiny_llama  # noqa: E402
 
 import variants  # noqa: E402
 from variants import distributed  # noqa: E402
@@ -40,9 +40,11 @@ SPECS = {
     "sora": {"sora_xi": 0.3},
 }
 LR = {"vera": 5e-3}
+GPT2 = ["delta_lora@gpt2", "lora_fa@gpt2"]  # Conv1D bases: W stored (in, out)
 
 
 def spec_for(method: str, steps: int = STEPS, dropout: float = 0.0) -> dict:
+    method = method.split("@")[0]
     spec = {"preset": method, "r": 4, "alpha": 8, "dropout": dropout, **SPECS[method]}
     if method == "adalora":
         spec["total_step"] = steps
@@ -69,7 +71,9 @@ def batches(steps: int) -> list[dict[str, torch.Tensor]]:
 
 
 def build(method: str, steps: int = STEPS, dropout: float = 0.0):
-    adapted = variants.build(tiny_llama(seed=0), spec_for(method, steps, dropout))
+    # "method@gpt2": on GPT-2, whose Conv1D stores W as (in, out), so FSDP2 shards W by input rows
+    model = tiny_gpt2(seed=0) if method.endswith("@gpt2") else tiny_llama(seed=0)
+    adapted = variants.build(model, spec_for(method, steps, dropout))
     # generic gradients: with B = 0 or λ_b = 0 some gradients are exactly 0 in one process and
     # ~1e-10 under a different summation order, which Adam's first step turns into ±lr
     randomize_adapter(adapted, seed=1)

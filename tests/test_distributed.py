@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = sorted(worker.SPECS)
+METHODS = sorted(worker.SPECS) + worker.GPT2  # every method on the tiny Llama, two on GPT-2's Conv1D
 STRATEGIES = ("ddp", "fsdp")
 RESUME = ["resume:delta_lora:fsdp", "resume:adalora:fsdp", "resume:sora:ddp", "resume:dora:fsdp"]
 NAN = ["nan:lora:ddp", "nan:dora:fsdp"]
