@@ -230,3 +230,7 @@ def test_rank_share_splits_rows_and_weights_by_loss_tokens():
     assert weights[0] == pytest.approx(2 * distributed.loss_tokens(shares[0][0]) / n)
     with pytest.raises(ValueError, match="5 rows cannot be split over 8 ranks"):
         distributed.rank_share(batch, distributed.World(0, 8, 0))
+    batch["labels"][3:] = -100  # rank 1's rows: nothing to learn from; every rank must refuse alike
+    for k in range(2):
+        with pytest.raises(ValueError, match=r"rank 1's rows of the global batch have no loss tokens"):
+            distributed.rank_share(batch, distributed.World(k, 2, k))

@@ -209,12 +209,16 @@ def rank_share(batch: Mapping[str, torch.Tensor], w: World) -> tuple[dict[str, t
     if rows < w.world_size:
         raise ValueError(f"a global batch of {rows} rows cannot be split over {w.world_size} ranks "
                          "(every rank needs at least one row); raise the batch size or use fewer processes")
-    local = {k: (torch.tensor_split(v, w.world_size)[w.rank] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-             for k, v in batch.items()}
-    total = loss_tokens(batch)
-    if total == 0:
-        raise ValueError("the global batch has no loss tokens (every label is -100)")
-    return local, w.world_size * loss_tokens(local) / total
+    shares = [{k: (torch.tensor_split(v, w.world_size)[rank] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+               for k, v in batch.items()} for rank in range(w.world_size)]
+    counts = [loss_tokens(share) for share in shares]
+    # decided from the global batch, so every rank raises the same error at the same step
+    # (a mean over no tokens is NaN, and a rank that stopped alone would leave the others waiting)
+    empty = [rank for rank, n in enumerate(counts) if n == 0]
+    if empty:
+        raise ValueError(f"rank {', '.join(map(str, empty))}'s rows of the global batch have no loss tokens "
+                         f"(tokens per rank: {counts}); shuffle the data or raise the batch size")
+    return shares[w.rank], w.world_size * counts[w.rank] / sum(counts)
 
 
 # ----- wrap and unwrap ----------------------------------------------------------------------------------
