@@ -229,7 +229,12 @@ def _adapter_params(adapted: AdaptedModel) -> set[nn.Parameter]:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP2 shards one by one: the longest nn.ModuleList in the model."""
+    """The repeated blocks FSDP2 shards one by one: the classes a transformers model names as
+    never to be split (`_no_split_modules`, its decoder layers), else the longest nn.ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers to shard")
