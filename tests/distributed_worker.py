@@ -71,8 +71,10 @@ def batches(steps: int) -> list[dict[str, torch.Tensor]]:
 
 
 def build(method: str, steps: int = STEPS, dropout: float = 0.0):
-    # "method@gpt2": on GPT-2, whose Conv1D stores W as (in, out), so FSDP2 shards W by input rows
-    model = tiny_gpt2(seed=0) if method.endswith("@gpt2") else tiny_llama(seed=0)
+    # "method@gpt2": on GPT-2, whose Conv1D stores W as (in, out), so FSDP2 shards W by input rows;
+    # "method@bf16": a bf16 base (Delta-LoRA then keeps a sharded fp32 residual of W's updates)
+    model = (tiny_gpt2(seed=0) if method.endswith("@gpt2") else
+             tiny_llama(seed=0, dtype=torch.bfloat16 if method.endswith("@bf16") else torch.float32))
     adapted = variants.build(model, spec_for(method, steps, dropout))
     # generic gradients: with B = 0 or λ_b = 0 some gradients are exactly 0 in one process and
     # ~1e-10 under a different summation order, which Adam's first step turns into ±lr
@@ -114,7 +116,7 @@ def resume_case(method: str, strategy: str, folder: Path) -> dict:
 
     With dropout where the method allows it: each rank's generator must continue its own stream.
     """
-    dropout = 0.0 if method == "delta_lora" else 0.1
+    dropout = 0.0 if method.startswith("delta_lora") else 0.1
     whole, _ = run_case(method, strategy, steps=4, dropout=dropout)
 
     def crash(record):

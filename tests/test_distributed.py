@@ -33,7 +33,7 @@ import distributed_worker as worker  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = sorted(worker.SPECS) + worker.GPT2  # every method on the tiny Llama, two on GPT-2's Conv1D
 STRATEGIES = ("ddp", "fsdp")
-RESUME = ["resume:delta_lora:fsdp", "resume:adalora:fsdp", "resume:sora:ddp", "resume:dora:fsdp"]
+RESUME = ["resume:delta_lora:fsdp", "resume:delta_lora@bf16:fsdp", "resume:adalora:fsdp", "resume:sora:ddp", "resume:dora:fsdp"]
 NAN = ["nan:lora:ddp", "nan:dora:fsdp"]
 TWO_NODES = ["lora:fsdp", "adalora:ddp", "delta_lora:fsdp", "sora:fsdp"]
 TOL = 1e-5
