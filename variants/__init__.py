@@ -5,6 +5,7 @@
     adapted = variants.build(model, spec)           # model modified in place; only adapters train
     adapted.print_trainable_parameters()
     records = variants.train(adapted, batches, variants.TrainSettings(steps=100, lr=1e-3))
+    variants.train(adapted, batches, settings, strategy="fsdp")  # under torchrun: DDP or FSDP2
     variants.save(adapted, "out/adapter")           # adapter_config.json + adapter.safetensors
     variants.export_peft(adapted, "out/peft")       # loads with peft.PeftModel.from_pretrained
     adapted = variants.load_peft(model, "peft/adapter")  # a PEFT adapter folder (LORA, VERA, ADALORA)
@@ -15,7 +16,10 @@ delta_lora.
 Parts by slot: `variants.part_names(slot)`; what each part and method does: docs/README.md.
 """
 
-from . import registry  # noqa: F401  (registers every part)
+from . import (
+    distributed,  # noqa: F401  (variants.distributed: strategies, World, check_strategy)
+    registry,  # noqa: F401  (registers every part)
+)
 from .checkpoint import Checkpointer
 from .core import AdapterLayer
 from .io import export_peft, file_bytes, load, save

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .io import file_sha256, staging_folder
 
 STATE_JSON = "state.json"
@@ -165,6 +166,10 @@ class Checkpointer:
         return self.folder / "previous"
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write `state` (whole tensors) as the new current checkpoint; under a process group only
+        rank 0 writes (the other ranks return at once)."""
+        if distributed.world().rank != 0:
+            return
         payload = {**state, "extra": self.get_extra() if self.get_extra else None}
         skeleton, tensors = flatten_state(payload)
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "step": state["step"], "state": skeleton}
@@ -202,6 +207,20 @@ class Checkpointer:
         if self._checked:
             return self._loaded
         self._checked = True
+        if distributed.world().world_size > 1:
+            # every rank calls load; rank 0 reads first and sets bad checkpoints aside, the others
+            # read after it, so no two processes move the same folder
+            if distributed.world().rank == 0:
+                self._load()
+                distributed.barrier()
+            else:
+                distributed.barrier()
+                self._load()
+            return self._loaded
+        self._load()
+        return self._loaded
+
+    def _load(self) -> None:
         self._remove_leftovers()
         bad: list[tuple[Path, str, Path]] = []
         for folder in (self.current, self.previous):
@@ -222,7 +241,6 @@ class Checkpointer:
         for folder, reason, aside in bad:
             print(f"WARNING: checkpoint {folder} is unusable ({reason}); moved to {aside}; {then}",
                   file=sys.stderr, flush=True)
-        return self._loaded
 
     def _read(self, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
         """(state, None) for a good checkpoint of this run, (None, None) for another run's, (None, why) for a bad one."""
@@ -244,7 +262,10 @@ class Checkpointer:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def clear(self) -> None:
-        """Remove the checkpoints (the run finished); checkpoints set aside as bad stay for inspection."""
+        """Remove the checkpoints (the run finished); checkpoints set aside as bad stay for inspection.
+        Under a process group only rank 0 removes files."""
+        if distributed.world().rank != 0:
+            return
         for path in (self.current, self.previous):
             shutil.rmtree(path, ignore_errors=True)
         self._remove_leftovers()

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .parts import Option, Part, register
 
 
@@ -83,18 +84,23 @@ class DeltaLoRA(Part):
             self._add_to_weight(name, layer, torch.cat([layer.lora_B, b_old], 1), torch.cat([layer.lora_A, -a_old], 0), coeff)
 
     def _add_to_weight(self, name, layer, b_cat: torch.Tensor, a_cat: torch.Tensor, coeff: float) -> None:
-        """W += coeff · b_cat @ a_cat, accumulated in fp32 when the base weight is lower precision."""
-        w = layer.base_layer.weight
+        """W += coeff · b_cat @ a_cat, accumulated in fp32 when the base weight is lower precision.
+
+        Under FSDP2 W is sharded by rows of its native layout: each rank adds the same rows of
+        the whole product (from the whole A and B every rank holds) to the rows it holds.
+        """
+        w, rows = distributed.local_rows(layer.base_layer.weight)
+        # the native layout: (out, in) = B @ A for nn.Linear, (in, out) = Aᵀ @ Bᵀ for Conv1D
+        left, right = (a_cat.t()[rows], b_cat.t()) if layer.fan_in_fan_out else (b_cat[rows], a_cat)
         if w.dtype in (torch.float32, torch.float64):
-            if layer.fan_in_fan_out:
-                w.addmm_(a_cat.t().to(w.dtype), b_cat.t().to(w.dtype), alpha=coeff)
-            else:
-                w.addmm_(b_cat.to(w.dtype), a_cat.to(w.dtype), alpha=coeff)
+            w.addmm_(left.to(w.dtype), right.to(w.dtype), alpha=coeff)
             return
-        delta = (b_cat.float() @ a_cat.float()) * coeff
-        exact = layer.base_weight().float() + delta + self._residual.get(name, 0.0)
-        layer.write_base_weight(exact.to(w.dtype))
-        self._residual[name] = exact - layer.base_weight().float()
+        residual = self._residual.get(name)
+        if residual is not None:  # sharded like W, or whole (restored from a checkpoint before sharding)
+            residual = residual.to_local() if distributed.is_sharded(residual) else residual[rows]
+        exact = w.float() + (left.float() @ right.float()) * coeff + (0.0 if residual is None else residual)
+        w.copy_(exact.to(w.dtype))
+        self._residual[name] = distributed.sharded_like(exact - w.float(), layer.base_layer.weight)
 
     # ----- persistence: (B_K, A_K) let a saved adapter rebuild W_T from the original W --------
     def adapter_tensors(self, adapted) -> dict[str, torch.Tensor]:

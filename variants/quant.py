@@ -119,6 +119,10 @@ class QuantizedLinear(torch.nn.Module):
     model); the quantization state follows them on every `.to()`.
     """
 
+    # Buffers that hold the frozen weight itself: FSDP2 shards parameters only, so data-parallel
+    # training (variants/distributed.py) turns these into frozen parameters while it shards.
+    weight_buffers = ("codes",)
+
     def __init__(self, codes: torch.Tensor, state, bias: torch.Tensor | None, in_features: int,
                  out_features: int, compute_dtype: str = "auto"):
         super().__init__()

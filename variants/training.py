@@ -12,6 +12,12 @@
     finalize()
 
 The loop never looks at the variant's name; the pipeline and the tests share it.
+
+Under a process group (`strategy="ddp"` or `"fsdp"`, variants/distributed.py) the same loop
+runs on every rank: each takes its rows of the global batch, the loss is weighted so that
+the averaged gradient is the single-process gradient of the global batch, and the loss and
+gradient norm it checks and reports are the global ones — so a NaN stops every rank at the
+same step. The hooks run on every rank on whole, identical tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .model import AdaptedModel
 
@@ -103,14 +110,25 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
           on_step: Callable[[StepRecord], None] | None = None,
           loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] = model_loss,
           checkpoint: Checkpointer | None = None,
+          strategy: str = "none",
           ) -> list[StepRecord]:
     """Train `adapted` for `settings.steps` optimizer steps on `batches` (cycled if shorter).
 
-    `loss_fn(model, batch)` gives the task loss (default: the model's own); `on_step` sees
-    each step's record as soon as the step is done (progress, curves). With a `checkpoint`,
-    the state is saved every `checkpoint.every` steps, and a run that finds a matching
-    checkpoint resumes from it (skipping the batches already consumed) to the same result.
+    `loss_fn(model, batch)` gives the task loss (default: the model's own), a mean over the
+    batch's loss tokens (`distributed.loss_tokens`); `on_step` sees each step's record as soon
+    as the step is done (progress, curves). With a `checkpoint`, the state is saved every
+    `checkpoint.every` steps, and a run that finds a matching checkpoint resumes from it
+    (skipping the batches already consumed) to the same result.
+
+    `strategy` "ddp" or "fsdp" trains data-parallel in the initialised default process group
+    (a ValueError without one): call it on every rank with the same global batches; `on_step`
+    runs on every rank; only rank 0 writes checkpoints. On return the model is unwrapped and
+    every rank holds the whole trained adapter (and base).
     """
+    world = distributed.require_process_group(strategy)
+    parallel = strategy != "none"
+    if not parallel:
+        world = distributed.World(0, 1, 0)  # a process group the caller uses otherwise is not ours
     model = adapted.model
     optimizer = adapted.optimizer(settings.lr, settings.weight_decay, settings.betas, settings.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
@@ -119,25 +137,33 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     start = 0
     if checkpoint is not None:
         state = checkpoint.load()
-        if state is not None:
-            start = _restore(adapted, optimizer, scheduler, state)
+        if state is not None:  # restored before wrapping: every tensor is still whole
+            start = _restore(adapted, optimizer, scheduler, state, world)
             records = [StepRecord(**r) for r in state["records"]]
-    model.train()
+    wrapped = distributed.Wrapped(adapted, strategy)
+    if parallel:
+        adapted.distributed_stats = {"strategy": strategy, "world_size": world.world_size,
+                                     "base_bytes_per_rank": distributed.base_bytes_per_rank(adapted)}
+    wrapped.module.train()
     stream = _cycle(batches)
     for _ in range(start):
         next(stream)  # the batches the checkpointed steps consumed
     for step in range(start, settings.steps):
         started = time.perf_counter()
         batch = next(stream)
-        loss = loss_fn(model, batch)
-        extra = adapted.extra_loss(step)
-        total = loss if extra is None else loss + extra
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(f"{adapted.spec.label}: loss is {total.item()} at step {step}")
-        total.backward()
-        norm = _clip(params, settings.grad_clip)
+        if parallel:
+            loss, norm = _parallel_backward(adapted, wrapped, loss_fn, batch, step, world, params, settings)
+        else:
+            loss = loss_fn(model, batch)
+            extra = adapted.extra_loss(step)
+            total = loss if extra is None else loss + extra
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(f"{adapted.spec.label}: loss is {total.item()} at step {step}")
+            total.backward()
+            norm = _clip(params, settings.grad_clip)
+            loss = float(loss.detach())
         if not math.isfinite(norm):
-            raise NonFiniteLossError(f"{adapted.spec.label}: gradient norm is {norm} at step {step}")
+            raise NonFiniteLossError(f"{adapted.spec.label}: gradient norm is {norm} at step {step}{_where(world)}")
         adapted.before_optimizer_step(step, optimizer)
         optimizer.step()
         # before the scheduler moves on: the hooks see the learning rate this step used
@@ -145,31 +171,74 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = StepRecord(step, float(loss.detach()), lr, norm, count_tokens(batch), time.perf_counter() - started)
+        record = StepRecord(step, loss, lr, norm, count_tokens(batch), time.perf_counter() - started)
         records.append(record)
         if on_step is not None:
             on_step(record)
         if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < settings.steps:
-            checkpoint.save(_capture(adapted, optimizer, scheduler, step + 1, records))
+            state = _capture(adapted, optimizer, scheduler, step + 1, records, world)  # a collective
+            if world.rank == 0:
+                checkpoint.save(state)
+    wrapped.unwrap()
     adapted.finalize()
     return records
 
 
-def _capture(adapted: AdaptedModel, optimizer, scheduler, step: int, records: list[StepRecord]) -> dict:
-    return {
+def _where(world: distributed.World) -> str:
+    return "" if world.world_size == 1 else f" (global value over {world.world_size} ranks)"
+
+
+def _parallel_backward(adapted: AdaptedModel, wrapped: distributed.Wrapped, loss_fn, batch, step: int,
+                       world: distributed.World, params: list[torch.Tensor],
+                       settings: TrainSettings) -> tuple[float, float]:
+    """This rank's share of forward and backward; returns the global loss and gradient norm."""
+    local, weight = distributed.rank_share(batch, world)
+    local_loss = loss_fn(wrapped.module, local)
+    extra = adapted.extra_loss(step)
+    # the global-batch mean: Σ_k (n_k/N)·L_k, the same number on every rank
+    global_loss = distributed.all_reduce_sum(local_loss.detach().reshape(1) * (weight / world.world_size))
+    loss = float(global_loss)
+    total = loss if extra is None else loss + float(extra.detach())
+    if not math.isfinite(total):
+        # every rank is here together (the value is global): name the ranks whose own loss was not finite
+        bad = [rank for rank, ok in enumerate(distributed.all_gather_object(bool(torch.isfinite(local_loss))))
+               if not ok]
+        raise NonFiniteLossError(f"{adapted.spec.label}: loss is {total} at step {step} (not finite on "
+                                 f"rank {', '.join(map(str, bad)) or 'none: the extra loss'} of {world.world_size})")
+    scaled = local_loss * weight
+    (scaled if extra is None else scaled + extra).backward()
+    wrapped.sync_gradients(params)
+    return loss, _clip(params, settings.grad_clip)  # the gradients are whole and equal: the global norm
+
+
+def _capture(adapted: AdaptedModel, optimizer, scheduler, step: int, records: list[StepRecord],
+             world: distributed.World | None = None) -> dict:
+    """The training state with whole tensors (a collective under a process group: call it on every rank)."""
+    state = {
         "step": step,
-        "adapter": {f"{name}.{key}": t for name, layer in adapted.layers.items()
+        "adapter": {f"{name}.{key}": distributed.full(t) for name, layer in adapted.layers.items()
                     for key, t in layer.adapter_state().items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": distributed.full_state(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
-        "parts": adapted.hooks_state_dict(),
+        "parts": distributed.full_state(adapted.hooks_state_dict()),
         "records": [dict(vars(r)) for r in records],
     }
+    if world is not None and world.world_size > 1:
+        # every rank's generators, so each continues its own stream (dropout) on resume
+        state["world_size"] = world.world_size
+        state["rng_ranks"] = distributed.all_gather_object(rng_state())
+    return state
 
 
 @torch.no_grad()
-def _restore(adapted: AdaptedModel, optimizer, scheduler, state: dict) -> int:
+def _restore(adapted: AdaptedModel, optimizer, scheduler, state: dict, world: distributed.World | None = None) -> int:
+    world = world or distributed.World(0, 1, 0)
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world.world_size:
+        raise ValueError(f"the checkpoint at step {state['step']} was written by a run of {saved_world} "
+                         f"process(es); this run has {world.world_size}: resume with the same world size, "
+                         "or remove the checkpoint to start over")
     tensors = state["adapter"]
     for name, layer in adapted.layers.items():
         for key, target in layer.adapter_state().items():
@@ -181,7 +250,7 @@ def _restore(adapted: AdaptedModel, optimizer, scheduler, state: dict) -> int:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     adapted.load_hooks_state_dict(state["parts"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng_ranks"][world.rank] if "rng_ranks" in state else state["rng"])
     return int(state["step"])
 
 
