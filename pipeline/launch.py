@@ -86,9 +86,6 @@ class Worker:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
     def finish(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

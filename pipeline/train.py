@@ -199,9 +199,7 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
         if device.type == "cpu":  # what this rank held of the base (FSDP2: its shard) plus its growth
             training_memory = per_rank[0]["base_weight_bytes"] + peak.increment
         if not worker.writes:
-            # until rank 0 has written: on another machine, this rank's stage must not end (and let DVC
-            # look for the outputs on the shared filesystem) before they exist
-            worker.barrier()
+            # (torchrun's exit barrier keeps every machine's stage running until rank 0 has written too)
             return {"variant": name, "distributed": distributed}
     step_seconds = sum(r["seconds"] for r in rows)  # training steps only, validation excluded
     tokens = sum(r["tokens"] for r in rows)
@@ -256,8 +254,6 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     tracker.end("FINISHED")
     if checkpoint is not None:
         checkpoint.clear()
-    if worker is not None:
-        worker.barrier()  # the other ranks wait for the outputs (see above)
     print(f"[{label}] done in {format_seconds(wall)}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {peak.bytes / 2**20:.0f} MiB", flush=True)
     return summary

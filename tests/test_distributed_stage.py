@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -240,21 +241,33 @@ class Workspace:
         procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *self.argv(params_file, out)],
                                   cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   start_new_session=True) for _ in range(nodes)]
-        outs, errs = [], []
+        results: list[tuple] = [("", "", None)] * nodes
+
+        def wait(i: int, proc: subprocess.Popen) -> None:
+            try:
+                stdout, stderr = proc.communicate(timeout=STAGE_TIMEOUT)
+                results[i] = (stdout, stderr, time.time())
+            except subprocess.TimeoutExpired:
+                pass
+
+        waiters = [threading.Thread(target=wait, args=(i, proc)) for i, proc in enumerate(procs)]
         try:
-            for proc in procs:
-                stdout, stderr = proc.communicate(timeout=max(1.0, started + STAGE_TIMEOUT - time.time()))
-                outs.append(stdout)
-                errs.append(stderr)
+            for waiter in waiters:
+                waiter.start()
+            for waiter in waiters:
+                waiter.join(STAGE_TIMEOUT + 5)
         finally:
             for proc in procs:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
-                    proc.communicate()
             _kill_tagged(token)
+            for waiter in waiters:
+                waiter.join(10)
         ended = time.time()
-        return {"rc": max(abs(p.returncode) for p in procs), "out": "".join(outs), "err": "".join(errs),
-                "ended": ended, "seconds": ended - started,
+        assert all(p.returncode is not None for p in procs) and all(r[2] for r in results), "a stage timed out"
+        return {"rc": max(abs(p.returncode) for p in procs), "out": "".join(r[0] for r in results),
+                "err": "".join(r[1] for r in results), "ended": ended, "seconds": ended - started,
+                "each_ended": [r[2] for r in results],
                 "fault_at": float(stamp.read_text()) if stamp.exists() else None}
 
     def adapter(self, out: str) -> dict[str, torch.Tensor]:
@@ -287,7 +300,10 @@ def ws(tmp_path_factory):
         os.chdir(cwd)
     # the reference distributed run also talks to MLflow (the repository's sqlite store)
     workspace.params["tracking"]["enabled"] = True
-    workspace.uninterrupted = workspace.stage(workspace.distributed("fsdp", nnodes=NODES), "fsdp", nodes=NODES)
+    # rank 0 writes 3 s late: no machine's stage may end before the outputs exist (torchrun's exit barrier;
+    # DVC on another machine of a shared filesystem looks for them when its stage ends)
+    workspace.uninterrupted = workspace.stage(workspace.distributed("fsdp", nnodes=NODES), "fsdp", nodes=NODES,
+                                              fault="0:0:slowwrite")
     workspace.params["tracking"]["enabled"] = False
     return workspace
 
@@ -300,6 +316,8 @@ def test_two_node_fsdp_run_writes_once_from_rank_0_and_equals_the_one_process_ru
     for rank in (0, 1):
         assert f"[lora rank {rank}/2] {STEPS}/{STEPS} loss" in run["out"]  # every rank prints its progress
     assert run["out"].count("] done in ") == 1 and "[lora rank 0/2] done in " in run["out"]
+    written = (ws.root / "models/adapters/fsdp/train_summary.json").stat().st_mtime
+    assert run["fault_at"] + 3 <= written <= min(run["each_ended"]), (run["fault_at"], written, run["each_ended"])
     single, fsdp = ws.adapter("single"), ws.adapter("fsdp")
     assert single.keys() == fsdp.keys() and single
     for key in single:

@@ -1,12 +1,13 @@
 """Fault injection for tests/test_distributed_stage.py: put this folder first on PYTHONPATH and set
 
-    STAGE_FAULT=<rank>:<step>:<kind>     kind: kill (SIGKILL itself), raise (RuntimeError), nan (NaN loss)
+    STAGE_FAULT=<rank>:<step>:<kind>     kind: kill (SIGKILL itself), raise (RuntimeError), nan (NaN loss),
+                                         slowwrite (the outputs are written 3 s late; <step> unused)
     STAGE_FAULT_STAMP=<file>             the time.time() of the fault is written there first
 
 Only the torchrun worker of that rank is touched: its `pipeline.lm.response_loss`, once imported,
 misbehaves in its <step>-th training call (1-based; calls under no_grad, i.e. validation, are not
-counted). Python imports `sitecustomize` at start-up in every process that sees this folder, so
-nothing in the pipeline knows about it.
+counted), or its `pipeline.files.commit_outputs` sleeps first. Python imports `sitecustomize` at
+start-up in every process that sees this folder, so nothing in the pipeline knows about it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ from __future__ import annotations
 import os
 
 FAULT = os.environ.get("STAGE_FAULT", "")
+
+
+def _slow_writes(module) -> None:
+    import time
+
+    original = module.commit_outputs
+
+    def commit_outputs(*args, **kwargs):
+        with open(os.environ["STAGE_FAULT_STAMP"], "w") as handle:
+            handle.write(repr(time.time()))
+        time.sleep(3)
+        return original(*args, **kwargs)
+
+    module.commit_outputs = commit_outputs
 
 
 def _wrap(module) -> None:
@@ -48,9 +63,11 @@ if FAULT and "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK") == F
     import importlib.util
     import sys
 
+    TARGET, PATCH = ("pipeline.files", _slow_writes) if FAULT.endswith(":slowwrite") else ("pipeline.lm", _wrap)
+
     class _PatchOnImport(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "pipeline.lm":
+            if name != TARGET:
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
@@ -58,7 +75,7 @@ if FAULT and "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK") == F
 
             def exec_module(module):
                 run(module)
-                _wrap(module)
+                PATCH(module)
 
             spec.loader.exec_module = exec_module
             return spec
