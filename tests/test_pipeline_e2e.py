@@ -234,3 +234,25 @@ def test_two_queued_experiments_run_in_parallel_and_both_reach_mlflow(repo):
     assert sorted(by_exp["tags.variant"]) == ["dora", "lora"], runs[["tags.variant", "tags.dvc_exp_name"]]
     assert set(by_exp["status"]) == {"FINISHED"} and by_exp["metrics.eval_loss"].notna().all()
     assert set(by_exp["params.spec.r"]) == {"2"}
+
+
+def test_exp_run_with_fsdp_on_two_processes_trains_every_variant_under_torchrun(repo):
+    """The issue's end-to-end check: `-S train.distributed.strategy=fsdp -S ...nproc_per_node=2` retrains each
+    variant as two gloo ranks (the dvc.yaml cmd unchanged), rank 0 alone writes, and the report says so."""
+    path = repo["path"]
+    out = _run(["dvc", "exp", "run", "-S", "train.distributed.strategy=fsdp",
+                "-S", "train.distributed.nproc_per_node=2"], path)
+    text = out.stdout + out.stderr
+    for name in ("lora", "dora", "vera"):
+        assert f"Running stage 'train@{name}'" in text
+        assert f"[{name} rank 1/2]" in text, text[-3000:]  # the second rank trained and reported progress
+        summary = json.loads((path / f"models/adapters/{name}/train_summary.json").read_text())
+        record = summary["distributed"]
+        assert (record["strategy"], record["world_size"]) == ("fsdp", 2)
+        held = [rank["base_weight_bytes"] for rank in record["per_rank"]]
+        assert len(held) == 2 and max(held) <= 0.55 * summary["base_weight_bytes"], record  # FSDP2 shards the base
+        curve = pd.read_csv(path / f"reports/curves/{name}.csv")
+        assert list(curve["step"]) == [1, 2, 3]  # written once, by rank 0
+    report = (path / "reports/comparison.md").read_text()
+    assert "Distributed training" in report and "fsdp" in report
+    assert not list(path.glob("reports/**/.*.tmp-*")) and not list(path.glob("models/**/.*.tmp-*"))
