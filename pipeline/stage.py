@@ -57,9 +57,9 @@ def start(module: str, doc: str, argv: list[str] | None, *,
         return args, None
     remove_leftovers(getattr(args, flag.lstrip("-").replace("-", "_")) for flag in (outputs or {}))
     if "tracking" in params.declared and params.tracking.enabled and os.environ.get("RANK", "0") == "0":
-        # MLflow's imports and store connection, in a worker process, beside this stage's start-up
+        # MLflow's imports, in a worker process, beside this stage's start-up
         # (under torchrun only rank 0 tracks: the other ranks start none)
         from pipeline.tracking import preload
 
-        preload(params.tracking.uri, params.tracking.experiment)
+        preload()
     return args, params

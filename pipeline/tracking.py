@@ -106,7 +106,6 @@ class _Worker:
         finally:
             os.close(write_fd)
         self.replies = os.fdopen(read_fd, "rb")
-        self.pending: dict[tuple, int] = {}  # requests sent ahead (preload), key -> their place in line
         self.sent = self.received = 0
         self.results: dict[int, tuple[bool, Any]] = {}
 
@@ -137,20 +136,13 @@ class _Worker:
     def call(self, operation: str, *args) -> Any:
         return self.result(self.send(operation, *args))
 
-    def connect(self, uri: str, experiment: str) -> str:
-        """The experiment's id; a connection `preload` asked for ahead is waited for, not repeated."""
-        ticket = self.pending.pop((uri, experiment), None)
-        for other in list(self.pending.values()):  # a preload for another store: not needed
-            with contextlib.suppress(StoreError):
-                self.result(other)
-        self.pending.clear()
-        if ticket is None:
-            ticket = self.send("connect", uri, experiment, artifact_root())
-        return self.result(ticket)
-
     def close(self) -> None:
         import subprocess
 
+        if not self.sent:
+            # A preload the stage never used (it failed early, or exec'd torchrun): the worker
+            # is only importing mlflow, and the stage need not wait until it is done.
+            self.process.kill()
         with contextlib.suppress(OSError):
             self.process.stdin.close()  # end of requests: the worker exits
         try:
@@ -185,17 +177,13 @@ def resolve_uri(uri: str | None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or uri or default_uri()
 
 
-def preload(uri: str | None, experiment: str) -> None:
-    """Start the MLflow worker and its connection to the store now, without waiting for them:
-    they run beside the stage's own start-up, and the stage's Tracker finds them ready. Called
-    by `stage.start` for every stage that tracks; a failure here is reported by that Tracker."""
-    try:
-        worker = _worker()
-        key = (resolve_uri(uri), experiment)
-        if key not in worker.pending:
-            worker.pending[key] = worker.send("connect", *key, artifact_root())
-    except (OSError, ValueError):
-        pass
+def preload() -> None:
+    """Start the MLflow worker now, without waiting for it: mlflow's imports run beside the
+    stage's own start-up, and the stage's Tracker finds them done. Called by `stage.start` for
+    every stage that tracks; a failure here is reported by that Tracker. (The store connection
+    is left to the Tracker: until then the worker writes nothing, so it can always be stopped.)"""
+    with contextlib.suppress(OSError, ValueError):
+        _worker()
 
 
 class Tracker:
@@ -214,7 +202,7 @@ class Tracker:
         if enabled:
             try:
                 worker = _worker()
-                self.experiment_id = worker.connect(self.uri, experiment)
+                self.experiment_id = worker.call("connect", self.uri, experiment, artifact_root())
                 self._client = worker
             except Exception as err:  # any failure to reach the store: warn once, go on
                 _warn_once(f"{_describe(err)} ({self.uri})")
