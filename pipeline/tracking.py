@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import functools
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -95,8 +96,6 @@ class _Worker:
     """The MLflow client in its own process (pipeline/tracking_worker.py), called synchronously."""
 
     def __init__(self):
-        import subprocess
-
         read_fd, write_fd = os.pipe()
         try:
             # -P: the worker script's folder (pipeline/) is not put on sys.path, where its
@@ -110,8 +109,6 @@ class _Worker:
         self.results: dict[int, tuple[bool, Any]] = {}
 
     def send(self, operation: str, *args) -> int:
-        import pickle
-
         pickle.dump((operation, args), self.process.stdin)
         self.process.stdin.flush()
         self.sent += 1
@@ -119,8 +116,6 @@ class _Worker:
 
     def result(self, ticket: int) -> Any:
         """The reply to request number `ticket` (replies come in order; earlier ones are kept)."""
-        import pickle
-
         while self.received < ticket:
             try:
                 reply = pickle.load(self.replies)
@@ -137,8 +132,6 @@ class _Worker:
         return self.result(self.send(operation, *args))
 
     def close(self) -> None:
-        import subprocess
-
         if not self.sent:
             # A preload the stage never used (it failed early, or exec'd torchrun): the worker
             # is only importing mlflow, and the stage need not wait until it is done.
