@@ -16,6 +16,10 @@ the outputs of the stages before them).
 
     python bench/stage_overhead.py --repo /tmp/before --repo . --stage train@lora --stage evaluate@lora \\
         --stage evaluate_base --stage compare --rounds 3
+
+`--set train.steps=4 --set eval.max_new_tokens=4` shrinks the compute (not the overhead) so that
+more rounds fit: each checkout's stages then read a copy of its params.yaml with those values
+(passed as `--params`, which every stage accepts), written outside the checkout.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 
-def stage_command(repo: Path, stage: str) -> str:
-    """The `cmd:` DVC would run for `stage` (`name` or `name@key` of a foreach stage)."""
+def stage_command(repo: Path, stage: str, params_file: Path | None = None) -> str:
+    """The `cmd:` DVC would run for `stage` (`name` or `name@key` of a foreach stage), reading
+    `params_file` instead of the checkout's params.yaml if given."""
     name, _, key = stage.partition("@")
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     if name not in stages:
@@ -46,8 +52,32 @@ def stage_command(repo: Path, stage: str) -> str:
             raise SystemExit(f"{name} is a foreach stage: name one of its items, e.g. {name}@lora")
         entry = entry["do"]
     cmd = " ".join(entry["cmd"].split()).replace("${key}", key)
+    params = yaml.safe_load((params_file or repo / "params.yaml").read_text())
+    cmd = re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), cmd)  # e.g. focus's ${variant}
+    return cmd + (f" --params {params_file}" if params_file else "")
+
+
+def overridden_params(repo: Path, settings: list[str], folder: Path) -> Path | None:
+    """A copy of the checkout's params.yaml with `key.path=value` settings (values read as YAML)."""
+    if not settings:
+        return None
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    return re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), cmd)  # e.g. focus's ${variant}
+    for setting in settings:
+        path, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {setting!r}: expected key.path=value")
+        *parents, leaf = path.split(".")
+        node = params
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise SystemExit(f"--set {setting!r}: {repo}/params.yaml has no section {key!r}")
+            node = node[key]
+        if leaf not in node:
+            raise SystemExit(f"--set {setting!r}: {repo}/params.yaml has no key {path!r}")
+        node[leaf] = yaml.safe_load(value)
+    out = folder / f"params-{len(list(folder.iterdir()))}.yaml"
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    return out
 
 
 def reported_compute(repo: Path, stage: str) -> float:
@@ -60,9 +90,9 @@ def reported_compute(repo: Path, stage: str) -> float:
     return 0.0
 
 
-def run_once(repo: Path, stage: str) -> tuple[float, float, float]:
+def run_once(repo: Path, stage: str, params_file: Path | None = None) -> tuple[float, float, float]:
     """(wall seconds, reported compute seconds, CPU seconds of the process) of one run of the stage."""
-    cmd = stage_command(repo, stage)
+    cmd = stage_command(repo, stage, params_file)
     # `python` in the command is this interpreter (the virtualenv's), as under an activated venv
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -83,16 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", action="append", type=Path, required=True, help="a checkout (repeatable)")
     parser.add_argument("--stage", action="append", required=True, help="e.g. train@lora, evaluate_base (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml value for every stage run, e.g. train.steps=4 (repeatable)")
     args = parser.parse_args(argv)
     repos = [r.resolve() for r in args.repo]
+    scratch = Path(tempfile.mkdtemp(prefix="stage-overhead-"))
+    params_files = {repo: overridden_params(repo, args.set, scratch) for repo in repos}
     for repo in repos:
         for stage in args.stage:
-            stage_command(repo, stage)  # fail on a bad name before running anything
+            stage_command(repo, stage, params_files[repo])  # fail on a bad name before running anything
     results: dict[tuple[str, Path], list[tuple[float, float, float]]] = {}
     for round_ in range(args.rounds):
         for stage in args.stage:
             for repo in repos:
-                wall, compute, cpu = run_once(repo, stage)
+                wall, compute, cpu = run_once(repo, stage, params_files[repo])
                 results.setdefault((stage, repo), []).append((wall, compute, cpu))
                 print(f"round {round_ + 1} {stage:16s} {repo}: wall {wall:6.1f} s, compute {compute:6.1f} s, "
                       f"overhead {wall - compute:5.1f} s, process CPU {cpu:6.1f} s", file=sys.stderr, flush=True)

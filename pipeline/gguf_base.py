@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pipeline import freeze_imported
 from variants.io import staged_folder
 
 __all__ = [
@@ -156,8 +157,12 @@ def load_base(
     model's config and generation config get the matching ``pad_token_id``. Returns
     ``(model, tokenizer)`` with the model in eval mode.
     """
+    import transformers.modeling_utils  # noqa: F401  (what every model class imports: ~340k objects)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Imports done: the collection before a stage's measured section walks only the model (~40k
+    # objects) and tokenizer loaded below, not the libraries (0.01 instead of 0.4 s of CPU).
+    freeze_imported()
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")

@@ -5,7 +5,8 @@ or writes (`outputs`) as a command-line argument from its `cmd:` there, so no st
 another's paths. The whole params file is validated first (a mistake anywhere fails every
 stage at once, before any work); the stage then sees only the keys dvc.yaml declares for it
 (pipeline/declared.py). Staging files that a killed earlier run left beside this stage's
-outputs are removed before it starts (pipeline/files.py).
+outputs are removed before it starts (pipeline/files.py). A stage that tracks its run in MLflow
+starts MLflow's worker process here (pipeline/tracking.py), so that it loads meanwhile.
 """
 
 from __future__ import annotations
@@ -55,4 +56,10 @@ def start(module: str, doc: str, argv: list[str] | None, *,
         print(f"{name}: {err}", file=sys.stderr)
         return args, None
     remove_leftovers(getattr(args, flag.lstrip("-").replace("-", "_")) for flag in (outputs or {}))
+    if "tracking" in params.declared and params.tracking.enabled and os.environ.get("RANK", "0") == "0":
+        # MLflow's imports, in a worker process, beside this stage's start-up
+        # (under torchrun only rank 0 tracks: the other ranks start none)
+        from pipeline.tracking import preload
+
+        preload()
     return args, params

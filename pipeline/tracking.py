@@ -18,7 +18,11 @@ Each run starts when its stage's process started and ends when the stage is done
 
 Only `MlflowClient` is used (no fluent API): no process-wide active run, no exported
 MLFLOW_TRACKING_URI, no git/source context lookups; one client (one store connection) per
-stage, and mlflow is imported only when tracking is on.
+stage. That client lives in a worker process (pipeline/tracking_worker.py) which `stage.start`
+launches first thing when the stage tracks: mlflow's ~1.5 s of imports then run on the other
+core while the stage imports transformers and loads its model, and the stage process never
+imports mlflow. Every call waits for the worker's answer, so runs and failures are as they
+would be with the client in the stage's process.
 
 If the store cannot be reached, the stages print one warning and go on: the DVC metrics
 files are still written.
@@ -26,8 +30,11 @@ files are still written.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -49,6 +56,11 @@ def _warn_once(reason: str) -> None:
         _DISABLED_REASON = reason
         print(f"WARNING: MLflow tracking is off for this stage: {reason}. The DVC metrics files are still written.",
               file=sys.stderr, flush=True)
+
+
+def _describe(err: BaseException) -> str:
+    """'Type: first line' of an error (a StoreError's message already starts with its original type)."""
+    return _first_line(err) if isinstance(err, StoreError) else f"{type(err).__name__}: {_first_line(err)}"
 
 
 def _first_line(err: BaseException) -> str:
@@ -76,42 +88,117 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+class StoreError(RuntimeError):
+    """An MLflow call failed in the worker process; the message starts with the original error's type."""
+
+
+class _Worker:
+    """The MLflow client in its own process (pipeline/tracking_worker.py), called synchronously."""
+
+    def __init__(self):
+        read_fd, write_fd = os.pipe()
+        try:
+            # -P: the worker script's folder (pipeline/) is not put on sys.path, where its
+            # modules (errors, metrics, ...) could shadow libraries mlflow imports
+            self.process = subprocess.Popen([sys.executable, "-P", str(Path(__file__).with_name("tracking_worker.py")),
+                                             str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        self.replies = os.fdopen(read_fd, "rb")
+        self.sent = self.received = 0
+        self.results: dict[int, tuple[bool, Any]] = {}
+
+    def send(self, operation: str, *args) -> int:
+        pickle.dump((operation, args), self.process.stdin)
+        self.process.stdin.flush()
+        self.sent += 1
+        return self.sent
+
+    def result(self, ticket: int) -> Any:
+        """The reply to request number `ticket` (replies come in order; earlier ones are kept)."""
+        while self.received < ticket:
+            try:
+                reply = pickle.load(self.replies)
+            except EOFError:
+                raise StoreError(f"the MLflow worker process ended (exit code {self.process.poll()})") from None
+            self.received += 1
+            self.results[self.received] = reply
+        ok, value = self.results.pop(ticket)
+        if not ok:
+            raise StoreError(value)
+        return value
+
+    def call(self, operation: str, *args) -> Any:
+        return self.result(self.send(operation, *args))
+
+    def close(self) -> None:
+        if not self.sent:
+            # A preload the stage never used (it failed early, or exec'd torchrun): the worker
+            # is only importing mlflow, and the stage need not wait until it is done.
+            self.process.kill()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # end of requests: the worker exits
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.replies.close()
+
+
+_WORKER: _Worker | None = None
+
+
+def _mlflow_environment() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # An unreachable server must cost seconds, not minutes of retries with backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def _worker() -> _Worker:
+    global _WORKER
+    if _WORKER is None or _WORKER.process.poll() is not None:
+        _mlflow_environment()
+        _WORKER = _Worker()
+        atexit.register(_WORKER.close)
+    return _WORKER
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The store a Tracker for `uri` (tracking.uri, or the one an adapter folder records) uses."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or uri or default_uri()
+
+
+def preload() -> None:
+    """Start the MLflow worker now, without waiting for it: mlflow's imports run beside the
+    stage's own start-up, and the stage's Tracker finds them done. Called by `stage.start` for
+    every stage that tracks; a failure here is reported by that Tracker. (The store connection
+    is left to the Tracker: until then the worker writes nothing, so it can always be stopped.)"""
+    with contextlib.suppress(OSError, ValueError):
+        _worker()
+
+
 class Tracker:
-    """A thin, failure-tolerant wrapper around one MLflow run (one stage's)."""
+    """A thin, failure-tolerant wrapper around one MLflow run (one stage's).
+
+    The MLflow client lives in a worker process (see pipeline/tracking_worker.py); every call
+    waits for its result, so runs, their order and their failures are as with a client here."""
 
     def __init__(self, enabled: bool, experiment: str, uri: str | None):
         self.enabled = enabled
         self.experiment = experiment
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or uri or default_uri()
+        self.uri = resolve_uri(uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self._client = None
+        self._client: _Worker | None = None
         if enabled:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            # An unreachable server must cost seconds, not minutes of retries with backoff.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             try:
-                from mlflow.tracking import MlflowClient  # ~1.5 s of imports: only when tracking is on
-
-                client = MlflowClient(tracking_uri=self.uri)
-                self.experiment_id = self._experiment_id(client, experiment)
-                self._client = client
+                worker = _worker()
+                self.experiment_id = worker.call("connect", self.uri, experiment, artifact_root())
+                self._client = worker
             except Exception as err:  # any failure to reach the store: warn once, go on
-                _warn_once(f"{type(err).__name__}: {_first_line(err)} ({self.uri})")
-
-    @staticmethod
-    def _experiment_id(client, name: str) -> str:
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=artifact_root())
-        except Exception:
-            found = client.get_experiment_by_name(name)  # a parallel stage created it first
-            if found is None:
-                raise
-            return found.experiment_id
+                _warn_once(f"{_describe(err)} ({self.uri})")
 
     @property
     def active(self) -> bool:
@@ -129,7 +216,7 @@ class Tracker:
                 if "database is locked" in str(err) and attempt < LOCK_RETRIES:
                     time.sleep(0.2 * (attempt + 1))
                     continue
-                _warn_once(f"{what} failed: {type(err).__name__}: {_first_line(err)}")
+                _warn_once(f"{what} failed: {_describe(err)}")
                 self._client = None
                 return None
 
@@ -144,69 +231,63 @@ class Tracker:
             client = self._client
             if run_id is not None:
                 try:
-                    client.get_run(run_id)
-                    client.update_run(run_id, status="RUNNING")
+                    client.call("continue_run", run_id)
                     return run_id
                 except Exception as err:
                     if "database is locked" in str(err):
                         raise
-                    print(f"WARNING: MLflow run {run_id} cannot be continued ({type(err).__name__}); "
+                    print(f"WARNING: MLflow run {run_id} cannot be continued ({_first_line(err)}); "
                           "starting a new one", file=sys.stderr, flush=True)
             all_tags = {**tags, "mlflow.runName": run_name}
             if parent_run_id is not None:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(self.experiment_id, start_time=_ms(started_at or process_start_time()),
-                                    tags=all_tags, run_name=run_name)
-            return run.info.run_id
+            return client.call("create_run", self.experiment_id, _ms(started_at or process_start_time()),
+                               all_tags, run_name)
         self.run_id = self._call("create_run", go)
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.run_id or self._client is None:
             return
-        from mlflow.entities import Param
-
-        flat = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        self._call("log_params", lambda: self._client.log_batch(self.run_id, params=flat))
+        flat = [(k, str(v)[:6000]) for k, v in params.items()]
+        self._call("log_params", lambda: self._client.call("log_batch", self.run_id, [], flat))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         """Log onto this stage's run, or onto `run_id` (the quality metrics onto the training run)."""
         target = run_id or self.run_id
         if not target or self._client is None:
             return
-        from mlflow.entities import Metric
-
         now = _ms(time.time())
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+        batch = [(k, float(v), now, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self._call("log_metrics", lambda: self._client.log_batch(target, metrics=batch))
+        self._call("log_metrics", lambda: self._client.call("log_batch", target, batch))
 
     def log_curve(self, rows: Iterable[Mapping[str, float]], keys: Iterable[str]) -> None:
         """Per-step series (loss, lr, grad norm, ...) in as few batch calls as MLflow allows."""
         if not self.run_id or self._client is None:
             return
-        from mlflow.entities import Metric
-
         now = _ms(time.time())
-        metrics = [Metric(key, float(row[key]), now, int(row["step"])) for row in rows for key in keys
+        metrics = [(key, float(row[key]), now, int(row["step"])) for row in rows for key in keys
                    if row.get(key) is not None and row[key] == row[key]]
 
         def go():
             for i in range(0, len(metrics), BATCH):
-                self._client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+                self._client.call("log_batch", self.run_id, metrics[i:i + BATCH])
         self._call("log_batch", go)
 
     def log_artifacts(self, folder: str | os.PathLike, artifact_path: str) -> None:
         if self.run_id:
-            self._call("log_artifacts", lambda: self._client.log_artifacts(self.run_id, str(folder), artifact_path))
+            self._call("log_artifacts",
+                       lambda: self._client.call("log_artifacts", self.run_id, str(folder), artifact_path))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id:
-            self._call("log_artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+            self._call("log_artifact", lambda: self._client.call("log_artifact", self.run_id, str(path), artifact_path))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
-            self._call("set_terminated", lambda: self._client.set_terminated(self.run_id, status, _ms(time.time())))
+            self._call("set_terminated",
+                       lambda: self._client.call("set_terminated", self.run_id, status, _ms(time.time())))
 
 
 def standard_tags(variant: str, stage: str) -> dict[str, str]:

@@ -120,3 +120,57 @@ def test_the_stage_start_is_the_process_start():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     # interpreter start-up happens before the first line: the process began a little earlier
     assert 0 <= float(out.stdout) < 5, out.stdout
+
+
+def test_mlflow_runs_in_a_worker_process_started_ahead(tmp_path):
+    # a stage's process never imports mlflow (~1.5 s of CPU): the client lives in a worker that
+    # `preload` (stage.start) starts while the stage loads its model; the run is the same
+    code = ("import sys; from pipeline.tracking import Tracker, preload; preload(); "
+            "t = Tracker(True, 'exp', None); t.start('r', {'stage': 'train'}); t.log_params({'p': 3}); "
+            "t.log_metrics({'m': 1.5}); t.log_curve([{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.0}], ['loss']); "
+            "t.end(); print('mlflow' in sys.modules, t.run_id)")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported, run_id = done.stdout.split()
+    assert imported == "False"
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"p": "3"}
+    assert run.data.metrics == {"m": 1.5, "loss": 1.0}
+    assert [m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")] == [2.0, 1.0]
+
+
+def test_an_unreachable_store_is_reported_once_through_the_worker(capsys):
+    from pipeline import tracking
+
+    tracking._DISABLED_REASON = None
+    try:
+        tracking.preload()
+        tracker = tracking.Tracker(True, "exp", "http://127.0.0.1:9")  # nothing listens there
+        assert not tracker.active
+        tracker.start("r", {})
+        tracker.end()
+        err = capsys.readouterr().err
+        # the worker's error, with its type, and the store named
+        assert err.count("WARNING: MLflow tracking is off") == 1, err
+        assert "MlflowException: API request to http://127.0.0.1:9" in err, err
+    finally:
+        tracking._DISABLED_REASON = None
+
+
+@pytest.mark.parametrize("stage, module, preloads", [("train@lora", "train", True), ("evaluate@lora", "evaluate", True),
+                                                     ("evaluate_base", "evaluate", False)])
+def test_a_stage_that_tracks_starts_the_mlflow_worker_when_it_starts(workspace, tmp_path, stage, module, preloads):
+    # started by stage.start, before the model loads; evaluate_base has no run, so no worker
+    code = (f"import sys; from pipeline import {module} as m, tracking; from stage_cmds import stage_argv; "
+            f"args, params = m.parse(stage_argv({stage!r})); print(params is not None, tracking._WORKER is not None)")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=workspace, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", str(preloads)]

@@ -16,6 +16,7 @@ defines ΔW (`delta_weight`) and, if its merge is not additive (DoRA), the pair
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import torch
@@ -23,31 +24,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
+def conv1d_class() -> type | None:
+    """GPT-2's Conv1D, if transformers has loaded it; else None.
+
+    A Conv1D layer exists only once transformers.pytorch_utils was imported (a GPT-2 built by
+    transformers imports it), so looking it up in sys.modules recognises every such layer while
+    `import variants` itself stays free of transformers (~0.8 s of imports a stage that only
+    reads specs or reports, such as compare, does not need).
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
-CONV1D = _conv1d_class()
-
-
-def _supported() -> tuple[type, ...]:
+def supported_base_layers() -> tuple[type, ...]:
+    """The layer types an adapter can wrap: nn.Linear, GPT-2's Conv1D (when loaded), our 4-bit layer."""
     from .quant import QuantizedLinear
 
-    return tuple(t for t in (nn.Linear, CONV1D, QuantizedLinear) if t is not None)
+    return tuple(t for t in (nn.Linear, conv1d_class(), QuantizedLinear) if t is not None)
 
 
-SUPPORTED_BASE_LAYERS: tuple[type, ...] = _supported()
 # Quantized layers of other libraries: recognised so the error can say what to do instead.
 FOREIGN_QUANTIZED = ("Linear4bit", "Linear8bitLt", "QuantLinear")
 
 
 def is_fan_in_fan_out(module: nn.Module) -> bool:
     """True for layers whose weight is stored (in, out), like GPT-2's Conv1D."""
-    return CONV1D is not None and isinstance(module, CONV1D)
+    conv1d = conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def is_quantized(module: nn.Module) -> bool:

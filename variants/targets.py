@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .core import FOREIGN_QUANTIZED, SUPPORTED_BASE_LAYERS, AdapterLayer
+from .core import FOREIGN_QUANTIZED, AdapterLayer, supported_base_layers
 from .spec import ALL_LINEAR
 
 
@@ -31,6 +31,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module to adapt, in the model's module order."""
     named = [(n, m) for n, m in model.named_modules() if n]
+    supported = supported_base_layers()
     if any(isinstance(m, AdapterLayer) for _, m in named):
         raise ValueError(f"{type(model).__name__} already carries adapter layers; build on a fresh base model")
     if patterns == (ALL_LINEAR,):
@@ -40,7 +41,7 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
             raise ValueError(f"{foreign[0]!r} is a {type(model.get_submodule(foreign[0])).__name__} quantized by "
                              "another library; load the base in full precision and use base=nf4")
         found = [(n, m) for n, m in named
-                 if isinstance(m, SUPPORTED_BASE_LAYERS) and m is not head and n.rsplit(".", 1)[-1] != "lm_head"]
+                 if isinstance(m, supported) and m is not head and n.rsplit(".", 1)[-1] != "lm_head"]
         if not found:
             raise ValueError(f"target_modules={ALL_LINEAR!r} matches no linear layer in {type(model).__name__}")
         _refuse_tied(model, found)
@@ -49,7 +50,7 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
     for pattern in patterns:
         hits = [(n, m) for n, m in named if n == pattern or n.endswith("." + pattern)]
         if not hits:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, SUPPORTED_BASE_LAYERS)})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, supported)})
             raise ValueError(
                 f"target pattern {pattern!r} matches no module of {type(model).__name__} "
                 f"(its linear layers are named: {', '.join(leaves)})"
@@ -60,10 +61,10 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str,
                     f"target pattern {pattern!r} matches {n!r}, a {type(m).__name__} quantized by another library; "
                     "load the base in full precision and use base=nf4 (this library quantizes it itself)"
                 )
-            if not isinstance(m, SUPPORTED_BASE_LAYERS):
+            if not isinstance(m, supported):
                 raise ValueError(
                     f"target pattern {pattern!r} matches {n!r}, a {type(m).__name__}; only linear layers "
-                    f"({', '.join(t.__name__ for t in SUPPORTED_BASE_LAYERS)}) can be adapted"
+                    f"({', '.join(t.__name__ for t in supported)}) can be adapted"
                 )
             chosen.add(n)
     found = [(n, m) for n, m in named if n in chosen]
