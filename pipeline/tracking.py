@@ -33,8 +33,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -109,7 +109,7 @@ class _Worker:
         self.results: dict[int, tuple[bool, Any]] = {}
 
     def send(self, operation: str, *args) -> int:
-        pickle.dump((operation, args), self.process.stdin)
+        self.process.stdin.write(json.dumps([operation, args]).encode() + b"\n")
         self.process.stdin.flush()
         self.sent += 1
         return self.sent
@@ -117,10 +117,10 @@ class _Worker:
     def result(self, ticket: int) -> Any:
         """The reply to request number `ticket` (replies come in order; earlier ones are kept)."""
         while self.received < ticket:
-            try:
-                reply = pickle.load(self.replies)
-            except EOFError:
-                raise StoreError(f"the MLflow worker process ended (exit code {self.process.poll()})") from None
+            line = self.replies.readline()
+            if not line:
+                raise StoreError(f"the MLflow worker process ended (exit code {self.process.poll()})")
+            reply = json.loads(line)
             self.received += 1
             self.results[self.received] = reply
         ok, value = self.results.pop(ticket)

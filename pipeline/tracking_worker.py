@@ -6,8 +6,8 @@ this process first thing (`tracking.preload`, from `stage.start`), so that the i
 the second core while the stage itself spends its first seconds single-threaded importing
 transformers and loading the model; the stage process never imports mlflow.
 
-Protocol: pickled `(operation, args)` requests on stdin, one pickled `(ok, result or error
-text)` reply per request on the file descriptor named in argv[1], in order. Every request
+Protocol: JSON lines — `[operation, args]` requests on stdin, one `[ok, result or error
+text]` reply per request on the file descriptor named in argv[1], in order. Every request
 waits for its reply, so the store sees exactly the calls, in exactly the order, that an
 in-process client would make. End of stdin (the stage exited, or was killed) ends the process.
 """
@@ -15,8 +15,8 @@ in-process client would make. End of stdin (the stage exited, or was killed) end
 from __future__ import annotations
 
 import gc
+import json
 import os
-import pickle
 import sys
 from typing import Any
 
@@ -86,9 +86,12 @@ def serve(requests, replies) -> None:
     gc.enable()
     while True:
         try:
-            operation, args = pickle.load(requests)
-        except (EOFError, OSError):
+            line = requests.readline()
+        except OSError:
             return
+        if not line:
+            return
+        operation, args = json.loads(line)
         reply: tuple[bool, Any]
         if store is None:
             reply = (False, failed)
@@ -97,7 +100,7 @@ def serve(requests, replies) -> None:
                 reply = (True, getattr(store, operation)(*args))
             except Exception as err:
                 reply = (False, f"{type(err).__name__}: {err}")
-        pickle.dump(reply, replies)
+        replies.write(json.dumps(reply).encode() + b"\n")
         replies.flush()
 
 
