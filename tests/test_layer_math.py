@@ -171,6 +171,17 @@ def test_vera_layers_reading_one_input_form_its_projection_once_in_backward(monk
         assert (g - w).abs().max().item() < 1e-12 * max(1.0, w.abs().max().item())
 
 
+@pytest.mark.parametrize("tokens", [FACTORED, MERGED], ids=["factored", "merged"])
+def test_vera_layer_runs_under_inference_mode(tokens):
+    """Inference tensors have no version counter: the shared x Aᵀ is then formed per call, not kept."""
+    layer = adapter_layer("vera", base_layer("linear"))
+    x = torch.randn(*tokens, IN, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = layer.reference_forward(x).detach()
+    with torch.inference_mode():
+        got = layer(x.clone())
+    assert (got - want).abs().max().item() < 1e-12
+
+
 def test_the_token_counts_take_both_paths():
     n_factored, n_merged = FACTORED[0], MERGED[0] * MERGED[1]
     assert not functional.merged_is_cheaper(n_factored, IN, OUT, with_backward=True)

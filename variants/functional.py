@@ -390,7 +390,7 @@ def _projection_key(x2: torch.Tensor, A_: torch.Tensor) -> tuple:
 def projection_cached(A_: torch.Tensor, x2: torch.Tensor) -> bool:
     """Whether `projected_input(A_, x2)` would return a kept product (no multiply)."""
     last = getattr(_SCRATCH, "projected", None)
-    return last is not None and last[0] == _projection_key(x2, A_)
+    return last is not None and not x2.is_inference() and last[0] == _projection_key(x2, A_)
 
 
 def projected_input(A_: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -398,6 +398,8 @@ def projected_input(A_: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     A (q/k/v, gate/up) get it computed once: the last product is kept per thread, keyed by both
     operands' address, layout, dtype and version counter; the entry holds both operands, so their
     memory cannot be reused by another tensor while it is kept. The result must not be modified."""
+    if x2.is_inference() or A_.is_inference():  # no version counter to key on: not kept
+        return torch.mm(A_, x2.t())
     key = _projection_key(x2, A_)
     last = getattr(_SCRATCH, "projected", None)
     if last is not None and last[0] == key:
@@ -501,8 +503,10 @@ def vera_linear(layer, x, xd, lam_b, lam_d, A, B) -> torch.Tensor:
     (reference: `reference.vera_reference`)."""
     cdt = layer.adapter_compute_dtype(x.dtype)
     plan = FACTORED
+    with_backward = _needs_graph(x, lam_b, lam_d)
     if xd is None and cdt == x.dtype:  # a merged W_eff in x's dtype would round ΔW to it
         tokens = x.numel() // x.shape[-1]
-        plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], _needs_graph(x, lam_b, lam_d))
-    shared_input = xd is None and input_read_before(x)
+        plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], with_backward)
+    # only the backward uses it (and inference tensors, which have no version counter, have no backward)
+    shared_input = xd is None and with_backward and input_read_before(x)
     return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, plan, cdt, shared_input)
