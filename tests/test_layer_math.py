@@ -106,10 +106,13 @@ def _fused_and_reference_run(method: str, layer, tokens: tuple[int, ...], seed: 
     return outputs_and_grads(fused, x, None, tensors, g), outputs_and_grads(ref, x, None, tensors, g)
 
 
+@pytest.mark.parametrize("route", ["projected", "gram"])
 @pytest.mark.parametrize("plan", [functional.FACTORED, functional.MERGED, functional.MERGED_KEPT])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_every_vera_plan_equals_reference(kind, plan, monkeypatch):
+def test_every_vera_plan_equals_reference(kind, plan, route, monkeypatch):
+    """Each plan, and for the merged plans each way of forming H = gᵀ x Aᵀ for the λ gradients."""
     monkeypatch.setattr(functional, "vera_plan", lambda *args: plan)
+    monkeypatch.setattr(functional, "lambda_grad_route", lambda *args: route)
     (y, grads), (y_ref, grads_ref) = _fused_and_reference_run("vera", adapter_layer("vera", base_layer(kind)),
                                                               MERGED, seed=5)
     assert (y - y_ref).abs().max().item() < 1e-12
@@ -126,6 +129,57 @@ def test_vera_plan_on_smollm2_shapes():
     assert functional.vera_plan(T, 576, 1536, r, True) == functional.MERGED_KEPT
     assert functional.vera_plan(T, 1536, 576, r, True) == functional.FACTORED
     assert functional.vera_plan(1, 576, 576, r, False) == functional.FACTORED
+
+
+def test_vera_layers_reading_one_input_form_its_projection_once_in_backward(monkeypatch):
+    """q/k/v-like layers on one input (outputs 13, 2, 2; r 12; 40 tokens): read alone, the narrow ones
+    would form H = (gᵀ x) Aᵀ (cheaper than x Aᵀ for one layer), but x Aᵀ is shared by the three, so the
+    backward forms it once and every layer uses it; outputs and gradients equal the reference."""
+    r, tokens = 12, 40
+    assert functional.lambda_grad_route(tokens, IN, 2, r, projection_shared=False) == "gram"
+    assert functional.lambda_grad_route(tokens, IN, 2, r, projection_shared=True) == "projected"
+    projections = VeRAProjections(r, IN, IN, key=3).to(torch.float64)
+    layers = []
+    for out, seed in ((IN, 0), (2, 1), (2, 2)):
+        torch.manual_seed(seed)
+        base = nn.Linear(IN, out, bias=False).to(torch.float64).requires_grad_(False)
+        layer = VeRALayer(base, projections, r, 0.1, 0.0)
+        with torch.no_grad():
+            layer.lambda_b.normal_()
+            layer.lambda_d.normal_()
+        layers.append(layer)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(tokens, IN, generator=gen, dtype=torch.float64)
+    gs = [torch.randn(tokens, layer.out_features, generator=gen, dtype=torch.float64) for layer in layers]
+
+    def run(forward):
+        xx = x.clone().requires_grad_()
+        sum((forward(layer, xx) * g).sum() for layer, g in zip(layers, gs, strict=True)).backward()
+        grads = [xx.grad] + [t.grad for layer in layers for t in (layer.lambda_b, layer.lambda_d)]
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        return grads
+
+    want = run(lambda layer, xx: layer.reference_forward(xx))
+    formed = []
+    real = functional.projected_input
+    monkeypatch.setattr(functional, "projected_input", lambda A_, x2: formed.append(real(A_, x2)) or formed[-1])
+    got = run(lambda layer, xx: layer(xx))
+    assert {functional.vera_plan(tokens, IN, layer.out_features, r, True) for layer in layers} == {functional.MERGED_KEPT}
+    assert len(formed) == 3 and all(f is formed[0] for f in formed)  # one product, used by all three layers
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max().item() < 1e-12 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [FACTORED, MERGED], ids=["factored", "merged"])
+def test_vera_layer_runs_under_inference_mode(tokens):
+    """Inference tensors have no version counter: the shared x Aᵀ is then formed per call, not kept."""
+    layer = adapter_layer("vera", base_layer("linear"))
+    x = torch.randn(*tokens, IN, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = layer.reference_forward(x).detach()
+    with torch.inference_mode():
+        got = layer(x.clone())
+    assert (got - want).abs().max().item() < 1e-12
 
 
 def test_the_token_counts_take_both_paths():

@@ -334,9 +334,18 @@ def dora_linear(layer, x, xd, A, B, magnitude, scale) -> torch.Tensor:
 
 
 # ----- VeRA ------------------------------------------------------------------------------------------
+# Scratch slots of the VeRA path (0 and 1 are shared with LoRA/DoRA: W_eff and gᵀx).
+_VERA_SCALED_B, _VERA_H = 2, 3
+
+
+def _vera_scaled_b(B, lb, ld) -> torch.Tensor:
+    """Λ_b B Λ_d = B ⊙ (λ_b ⊗ λ_d) (out x r), into a scratch buffer: no (out x r) allocation per call."""
+    return torch.mul(B, ld, out=scratch(_VERA_SCALED_B, tuple(B.shape), B)).mul_(lb.unsqueeze(1))
+
+
 def _vera_merged_native(w, lb, ld, A, B, fifo, out=None):
     """W + diag(λ_b) B diag(λ_d) A in native layout, as one fused GEMM: diag(λ_b) B diag(λ_d) = B ⊙ (λ_b ⊗ λ_d)."""
-    return lowrank_native(w, A, B * ld * lb.unsqueeze(1), 1.0, fifo, out=out)
+    return lowrank_native(w, A, _vera_scaled_b(B, lb, ld), 1.0, fifo, out=out)
 
 
 FACTORED, MERGED, MERGED_KEPT = "factored", "merged", "merged_kept"
@@ -361,13 +370,37 @@ def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_
     return min(costs, key=costs.get)
 
 
+def lambda_grad_route(tokens: int, in_features: int, out_features: int, rank: int, projection_shared: bool) -> str:
+    """How the merged plans' backward forms H = gᵀ x Aᵀ (out x r), which gives both λ gradients.
+
+    "projected"  H = gᵀ (x Aᵀ): T·r·out, plus T·r·in for x Aᵀ unless another layer with the same input
+                 (q/k/v, gate/up) computes it too (`projection_shared`): the product is then computed once
+                 (`projected_input`) and this layer pays only T·r·out.
+    "gram"       H = (gᵀ x) Aᵀ: T·out·in + out·in·r, cheaper for a narrow output read alone.
+    """
+    projected = tokens * rank * (out_features + (0 if projection_shared else in_features))
+    return "projected" if projected <= out_features * in_features * (tokens + rank) else "gram"
+
+
+def _projection_key(x2: torch.Tensor, A_: torch.Tensor) -> tuple:
+    return (x2.data_ptr(), x2.shape, x2.stride(), x2.dtype, x2._version,
+            A_.data_ptr(), A_.shape, A_.stride(), A_.dtype, A_._version)
+
+
+def projection_cached(A_: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether `projected_input(A_, x2)` would return a kept product (no multiply)."""
+    last = getattr(_SCRATCH, "projected", None)
+    return last is not None and not x2.is_inference() and last[0] == _projection_key(x2, A_)
+
+
 def projected_input(A_: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """A xᵀ (r x T) for VeRA. Layers that read the same input through the same slice of the shared
     A (q/k/v, gate/up) get it computed once: the last product is kept per thread, keyed by both
     operands' address, layout, dtype and version counter; the entry holds both operands, so their
     memory cannot be reused by another tensor while it is kept. The result must not be modified."""
-    key = (x2.data_ptr(), x2.shape, x2.stride(), x2.dtype, x2._version,
-           A_.data_ptr(), A_.shape, A_.stride(), A_.dtype, A_._version)
+    if x2.is_inference() or A_.is_inference():  # no version counter to key on: not kept
+        return torch.mm(A_, x2.t())
+    key = _projection_key(x2, A_)
     last = getattr(_SCRATCH, "projected", None)
     if last is not None and last[0] == key:
         return last[3]
@@ -376,9 +409,19 @@ def projected_input(A_: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return xa_t
 
 
+def input_read_before(x: torch.Tensor) -> bool:
+    """Whether the previous VeRA call (this thread) read this same input: the later layers of q/k/v and
+    gate/up. Recorded by address, layout and version only (holds no reference); a false match (memory
+    reused by another tensor of the same layout) only changes a cost choice, never a result."""
+    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version)
+    seen = getattr(_SCRATCH, "vera_last_input", None) == key
+    _SCRATCH.vera_last_input = key
+    return seen
+
+
 class _VeRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, plan, cdt):
+    def forward(ctx, x, xd, lam_b, lam_d, A, B, layer, plan, cdt, shared_input):
         fifo = layer.fan_in_fan_out
         w = layer.base_weight_native()
         bias = layer.base_bias()
@@ -396,7 +439,7 @@ class _VeRALinear(torch.autograd.Function):
             kept = w_eff if keep else None
             y = linear_native(x2, w_eff, bias, fifo)
         ctx.save_for_backward(xd2 if xa is None else None, lam_b, lam_d, A, B, kept, xa, p)
-        ctx.layer, ctx.plan, ctx.shared, ctx.cdt = layer, plan, xd is None, cdt
+        ctx.layer, ctx.plan, ctx.shared, ctx.cdt, ctx.shared_input = layer, plan, xd is None, cdt, shared_input
         return _unflat(y, x)
 
     @staticmethod
@@ -408,43 +451,51 @@ class _VeRALinear(torch.autograd.Function):
         g2 = _flat(gy)
         gc = _as(g2, cdt)
         lb, ld, A_, B_ = _as(lam_b, cdt), _as(lam_d, cdt), _as(A, cdt), _as(B, cdt)
+        tokens, out_f, in_f, r = g2.shape[0], B_.shape[0], A_.shape[1], A_.shape[0]
         gx = gxd = glb = gld = None
         if ctx.plan == FACTORED:
-            # y = y0 + λ_b ⊙ p,  p = (λ_d ⊙ xa) Bᵀ,  xa = x Aᵀ
-            gv = torch.mm(gc * lb, B_)  # ∂L/∂(λ_d ⊙ xa)
+            # y = y0 + λ_b ⊙ p,  p = (λ_d ⊙ xa) Bᵀ,  xa = x Aᵀ;  gv = ∂L/∂(λ_d ⊙ xa) = (g ⊙ λ_b) B,
+            # with λ_b folded into whichever of g (T x out) and B (out x r) is smaller
+            if tokens > r:
+                gv = torch.mm(gc, torch.mul(B_, lb.unsqueeze(1), out=scratch(_VERA_SCALED_B, (out_f, r), B_)))
+            else:
+                gv = torch.mm(gc * lb, B_)
             if need_lb:
                 glb = _as(torch.linalg.vecdot(gc, p, dim=0), lam_b.dtype)
             if need_ld:
                 gld = _as(torch.linalg.vecdot(gv, xa, dim=0), lam_d.dtype)
             if need_x or need_xd:
-                adapter_grad = torch.mm(gv.mul_(ld), A_)
+                gv.mul_(ld)
                 if need_x:
                     gx = grad_input_native(g2, layer.base_weight_native(), fifo)
-                    if ctx.shared:
-                        gx.add_(_as(adapter_grad, gx.dtype))
+                    if ctx.shared and cdt == gx.dtype:
+                        gx.addmm_(gv, A_)  # in place: no (T x in) temporary and no extra pass
+                    elif ctx.shared:
+                        gx.add_(torch.mm(gv, A_).to(gx.dtype))
                     gx = _unflat(gx, gy)
                 if need_xd:
-                    gxd = _unflat(_as(adapter_grad, gy.dtype), gy)
-            return gx, gxd, glb, gld, None, None, None, None, None
-        tokens, out_f, in_f, r = g2.shape[0], B_.shape[0], A_.shape[1], A_.shape[0]
+                    gxd = _unflat(_as(torch.mm(gv, A_), gy.dtype), gy)
+            return gx, gxd, glb, gld, None, None, None, None, None, None
         if need_lb or need_ld:
             # Both gradients come from H = gᵀ x Aᵀ (out x r):
             #   ∂L/∂λ_b[o] = Σ_k H[o,k] B[o,k] λ_d[k],    ∂L/∂λ_d[k] = Σ_o H[o,k] B[o,k] λ_b[o].
-            # H = gᵀ (x Aᵀ) costs T·r·(in+out), H = (gᵀ x) Aᵀ costs T·out·in + out·in·r: take the cheaper.
-            if tokens * r * (in_f + out_f) <= out_f * in_f * (tokens + r):
-                h = torch.mm(projected_input(A_, xd2), gc).t()
+            h = scratch(_VERA_H, (out_f, r), gc)
+            # x Aᵀ is shared when another layer read this input (the flag) or has already formed it
+            shared = ctx.shared_input or projection_cached(A_, xd2)
+            if lambda_grad_route(tokens, in_f, out_f, r, shared) == "projected":
+                torch.mm(gc.t(), projected_input(A_, xd2).t(), out=h)
             else:
-                h = torch.mm(torch.mm(gc.t(), xd2, out=scratch(1, (out_f, in_f), gc)), A_.t())
-            hb = h * B_
+                torch.mm(torch.mm(gc.t(), xd2, out=scratch(1, (out_f, in_f), gc)), A_.t(), out=h)
+            hb = h.mul_(B_)
             if need_lb:
-                glb = _as(hb @ ld, lam_b.dtype)
+                glb = _as(torch.mv(hb, ld), lam_b.dtype)
             if need_ld:
-                gld = _as(lb @ hb, lam_d.dtype)
+                gld = _as(torch.mv(hb.t(), lb), lam_d.dtype)
         if need_x:
             w_eff = kept if kept is not None else _vera_merged_native(
                 layer.base_weight_native(), lb, ld, A_, B_, fifo, out=scratch(0, _weight_shape(layer), g2))
             gx = _unflat(grad_input_native(g2, w_eff, fifo), gy)
-        return gx, gxd, glb, gld, None, None, None, None, None
+        return gx, gxd, glb, gld, None, None, None, None, None, None
 
 
 def vera_linear(layer, x, xd, lam_b, lam_d, A, B) -> torch.Tensor:
@@ -452,7 +503,10 @@ def vera_linear(layer, x, xd, lam_b, lam_d, A, B) -> torch.Tensor:
     (reference: `reference.vera_reference`)."""
     cdt = layer.adapter_compute_dtype(x.dtype)
     plan = FACTORED
+    with_backward = _needs_graph(x, lam_b, lam_d)
     if xd is None and cdt == x.dtype:  # a merged W_eff in x's dtype would round ΔW to it
         tokens = x.numel() // x.shape[-1]
-        plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], _needs_graph(x, lam_b, lam_d))
-    return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, plan, cdt)
+        plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], with_backward)
+    # only the backward uses it (and inference tensors, which have no version counter, have no backward)
+    shared_input = xd is None and with_backward and input_read_before(x)
+    return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, plan, cdt, shared_input)
