@@ -328,12 +328,10 @@ def _check_distributed(params: Params, label: str) -> None:
         raise ParamsError(f"{label}: train.batch_size ({train.batch_size}) must be at least the number of "
                           f"processes ({dist.world_size} = {where}.nproc_per_node x nnodes): each process trains "
                           "on its share of the global batch")
-    try:
-        from variants.distributed import check_strategy
-    except ImportError:  # a library without distributed training: the strategy name was all we could check
-        check_strategy = None
+    from variants.distributed import check_strategy  # (only when a strategy is set)
+
     for name, v in params.variants.items():
-        if v.peft_adapter is not None or check_strategy is None:
+        if v.peft_adapter is not None:
             continue  # imported, not trained: runs in one process whatever the strategy
         try:
             check_strategy(v.spec, dist.strategy)

@@ -38,7 +38,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -299,7 +298,3 @@ def standard_tags(variant: str, stage: str) -> dict[str, str]:
         "mlflow.source.git.commit": commit,
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "not_a_dvc_experiment"),
     }
-
-
-def quiet_mlflow_warnings() -> None:
-    warnings.filterwarnings("ignore", module="mlflow")
