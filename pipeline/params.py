@@ -7,10 +7,13 @@ file, so any mistake fails fast, with one message naming the key path and the ba
     params.yaml: variants.vera.r: r must be a positive integer, got 0
     params.yaml: data.tokens: unknown key (known: hf_name, keep_stress, ...)
 
-Sections: `seed`, `model`, `data`, `quantize`, `train`, `eval`, `tracking`, `variants` (one
-adapter spec per method, see `variants.AdapterSpec`, plus an optional per-variant `lr`; or
-`peft_adapter: <folder>` alone, a PEFT adapter trained elsewhere that is imported and evaluated,
-not trained) and `variant` (the experiment's headline variant, read by the `focus` stage).
+Sections: `seed` (the data split's), `model`, `data`, `quantize`, `train`, `eval`, `tracking`,
+`variants` (one adapter spec per method, see `variants.AdapterSpec`, plus an optional per-variant
+`lr`; or `peft_adapter: <folder>` alone, a PEFT adapter trained elsewhere that is imported and
+evaluated, not trained), `variant` (the experiment's headline variant, read by the `focus` stage)
+and the grid a run trains: `run` (which `variants` entries; default all), `seeds` (training seeds;
+default [0]), `lr_grid` (multiples of each method's own lr; default [1]) and `lr_selection` (the
+validation-loss criterion that picks each method's lr; never the test split).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from variants import AdapterSpec, peft_spec
 
 PARAMS_FILE = "params.yaml"
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+LR_SELECTIONS = ("final_val_loss", "min_val_loss")
 # keys of a variants.<name> entry that belong to the pipeline, not to the adapter spec
 VARIANT_PIPELINE_KEYS = ("lr", "peft_adapter")
 
@@ -152,8 +156,18 @@ class VariantConfig:
     # a PEFT adapter folder trained elsewhere: `train` imports it instead of training (spec read from it)
     peft_adapter: str | None = None
 
-    def learning_rate(self, train: TrainConfig) -> float:
-        return self.lr if self.lr is not None else train.lr
+    def learning_rate(self, train: TrainConfig, factor: float = 1.0) -> float:
+        """The variant's lr (its own, else train.lr), times an lr_grid multiple."""
+        return (self.lr if self.lr is not None else train.lr) * factor
+
+
+@dataclass(frozen=True)
+class LrPoint:
+    """One point of `lr_grid`: a multiple of each method's own lr, and its label as DVC names it
+    in the matrix stages and their paths (`train@lora-0-<label>`, `.../lr<label>/`)."""
+
+    label: str
+    factor: float
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,10 @@ class Params:
     tracking: TrackingConfig
     variants: dict[str, VariantConfig]
     variant: str
+    run: tuple[str, ...] = ()            # the variants this run trains (catalog order kept as written)
+    seeds: tuple[int, ...] = (0,)        # training seeds: one cell per seed
+    lr_grid: tuple[LrPoint, ...] = (LrPoint("1", 1.0),)
+    lr_selection: str = "final_val_loss"
 
     def get_variant(self, name: str) -> VariantConfig:
         if name not in self.variants:
@@ -190,7 +208,8 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
 def params_from_dict(raw: Any, label: str = PARAMS_FILE) -> Params:
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{label}: the top level must be a mapping, got {_show(raw)}")
-    sections = {"seed", "model", "data", "quantize", "train", "eval", "tracking", "variants", "variant"}
+    sections = {"seed", "model", "data", "quantize", "train", "eval", "tracking", "variants", "variant",
+                "run", "seeds", "lr_grid", "lr_selection"}
     _no_unknown(raw, sections, label, "")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -200,13 +219,80 @@ def params_from_dict(raw: Any, label: str = PARAMS_FILE) -> Params:
                       ("train", TrainConfig), ("eval", EvalConfig), ("tracking", TrackingConfig)):
         configs[name] = _build(cls, raw.get(name, {}), label, name)
     variants = _variants(raw.get("variants"), label)
-    variant = raw.get("variant", next(iter(variants)))
-    if not isinstance(variant, str) or variant not in variants:
-        raise ParamsError(f"{label}: variant must name an entry of variants ({', '.join(variants)}), "
-                          f"got {_show(variant)}")
-    params = Params(seed=seed, variants=variants, variant=variant, **configs)
+    run = _run(raw.get("run"), variants, label)
+    variant = raw.get("variant", run[0])
+    if not isinstance(variant, str) or variant not in run:
+        raise ParamsError(f"{label}: variant must name an entry of run ({', '.join(run)}), got {_show(variant)}")
+    lr_selection = raw.get("lr_selection", LR_SELECTIONS[0])
+    if lr_selection not in LR_SELECTIONS:
+        raise ParamsError(f"{label}: lr_selection must be one of {', '.join(LR_SELECTIONS)} (validation loss; the "
+                          f"test split never chooses), got {_show(lr_selection)}")
+    params = Params(seed=seed, variants=variants, variant=variant, run=run, seeds=_seeds(raw.get("seeds", [0]), label),
+                    lr_grid=_lr_grid(raw.get("lr_grid", [1]), label), lr_selection=lr_selection, **configs)
     _check_cross_fields(params, label)
     return params
+
+
+def _run(raw: Any, variants: dict[str, VariantConfig], label: str) -> tuple[str, ...]:
+    """`run`: the catalog entries this run trains, each once; absent or null: every entry of `variants`."""
+    if raw is None:
+        return tuple(variants)
+    if not isinstance(raw, list) or not raw:
+        raise ParamsError(f"{label}: run must be a non-empty list of variants entries, got {_show(raw)}")
+    for name in raw:
+        if not isinstance(name, str) or name not in variants:
+            raise ParamsError(f"{label}: run: {_show(name)} is not an entry of variants ({', '.join(variants)})")
+    twice = sorted({n for n in raw if raw.count(n) > 1})
+    if twice:
+        raise ParamsError(f"{label}: run lists {', '.join(twice)} more than once")
+    return tuple(raw)
+
+
+def _seeds(raw: Any, label: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ParamsError(f"{label}: seeds must be a non-empty list of non-negative integers, got {_show(raw)}")
+    for seed in raw:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ParamsError(f"{label}: seeds: each seed must be a non-negative integer, got {_show(seed)}")
+    if len(set(raw)) != len(raw):
+        raise ParamsError(f"{label}: seeds holds a seed twice: {raw}")
+    return tuple(raw)
+
+
+def lr_label(value: Any) -> str:
+    """The name DVC gives a matrix value of `lr_grid` (its YAML 1.2 number, printed by Python).
+
+    DVC reads params.yaml as YAML 1.2, where `1e-3` is a number; PyYAML (1.1) reads it as a
+    string. Both must give the same label, or a stage would look for files DVC named otherwise.
+    """
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        value = float(value)  # ValueError for a word
+    return repr(float(value))
+
+
+def _lr_grid(raw: Any, label: str) -> tuple[LrPoint, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ParamsError(f"{label}: lr_grid must be a non-empty list of positive numbers (multiples of each "
+                          f"variant's lr), got {_show(raw)}")
+    points = []
+    for value in raw:
+        try:
+            text = lr_label(value)
+            factor = float(text)
+        except (TypeError, ValueError):
+            factor, text = float("nan"), ""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ParamsError(f"{label}: lr_grid: each entry must be a positive number (a multiple of the "
+                              f"variant's lr), got {_show(value)}")
+        points.append(LrPoint(text, factor))
+    factors = [p.factor for p in points]
+    if len(set(factors)) != len(factors):
+        raise ParamsError(f"{label}: lr_grid holds the same multiple twice: {raw}")
+    return tuple(points)
 
 
 def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:

@@ -76,7 +76,7 @@ _DELETE = object()
     ("variants.lora.lr", 0, "variants.lora.lr must be a positive number, got 0"),
     ("variants.vera.optimizer", "lora_fa", "variants.vera: incompatible combination: optimizer=lora_fa with layer=vera"),
     ("variants.delta_lora.dropout", 0.1, "incompatible combination: step=delta_lora with dropout=0.1"),
-    ("variant", "qdora", "variant must name an entry of variants"),
+    ("variant", "qdora", "variant must name an entry of run"),
     ("variants", {}, "variants must be a non-empty mapping"),
     ("model.source", "./no/such/folder", "model.source: no such model folder './no/such/folder'"),
     ("model.dtype", "int8", "model.dtype must be one of float32, bfloat16, float16, got 'int8'"),
