@@ -121,18 +121,24 @@ def _read_jsonl(path: Path, stage: str) -> list[dict]:
 
 
 def chosen_multiple(params, variant: str, selection_dir: str):
-    """The lr_grid point select@<variant> chose; a DataError when its file is missing or names another grid."""
+    """(the lr_grid point select@<variant> chose, its lr); a DataError when the file is missing or names
+    another grid. The lr comes from the file (select declares train.lr and the variant's lr; compare need not)."""
     chosen = _read_json(Path(selection_dir) / f"{variant}.json", f"select@{variant}")
     if chosen.get("variant") != variant:
         raise DataError(f"{selection_dir}/{variant}.json is the selection of {chosen.get('variant')!r}, not {variant!r}")
     try:
-        return find_point(params.lr_grid, str(chosen.get("lr_multiple")))
+        point = find_point(params.lr_grid, str(chosen.get("lr_multiple")))
     except ValueError as err:
         raise DataError(f"{selection_dir}/{variant}.json: {err}; run `dvc repro select@{variant}`") from None
+    lr = chosen.get("lr")
+    if not R.is_finite(lr) or lr <= 0:
+        raise DataError(f"{selection_dir}/{variant}.json: lr must be a positive number, got {lr!r}; "
+                        f"run `dvc repro select@{variant}`")
+    return point, float(lr)
 
 
 def load_method(params, args, name: str) -> Method:
-    point = chosen_multiple(params, name, args.selection)
+    point, lr = chosen_multiple(params, name, args.selection)
     imported = params.variants[name].peft_adapter is not None
     rows, preds, summaries, curve = [], [], [], None
     for seed in params.seeds:
@@ -151,8 +157,7 @@ def load_method(params, args, name: str) -> Method:
             if not path.is_file():
                 raise DataError(f"{path} is missing: run `dvc repro {cell.stage}` first")
             curve = pd.read_csv(path)
-    return Method(name, point.label, params.variants[name].learning_rate(params.train, point.factor),
-                  tuple(params.seeds), rows, preds, summaries, curve, imported)
+    return Method(name, point.label, lr, tuple(params.seeds), rows, preds, summaries, curve, imported)
 
 
 def load_sensitivity(params, args, name: str, chosen: str) -> dict:
@@ -173,7 +178,7 @@ def load_sensitivity(params, args, name: str, chosen: str) -> dict:
         if cell_rows.empty:
             raise DataError(f"{path} has no row for lr multiple {point.label}: run `dvc repro select@{name}`")
         points.append({"label": point.label, "factor": point.factor,
-                       "lr": params.variants[name].learning_rate(params.train, point.factor),
+                       "lr": float(cell_rows["lr"].iloc[0]),
                        "mean": float(cell_rows[column].mean()),
                        "per_seed": [float(v) for v in cell_rows[column]]})
     return {"points": points, "chosen": chosen}

@@ -91,7 +91,7 @@ def test_a_selection_outside_the_grid_or_a_stale_evaluation_is_refused(tmp_path)
     (tmp_path / "reports/selection/lora.json").write_text(json.dumps({"variant": "lora", "lr_multiple": "4"}))
     with pytest.raises(DataError, match=r"lr multiple '4' is not in lr_grid \(1, 2\); run `dvc repro select@lora`"):
         compare.load_inputs(params, args)
-    (tmp_path / "reports/selection/lora.json").write_text(json.dumps({"variant": "lora", "lr_multiple": "2"}))
+    (tmp_path / "reports/selection/lora.json").write_text(json.dumps({"variant": "lora", "lr_multiple": "2", "lr": 4e-3}))
     # the metrics on disk were evaluated at the old choice (1): evaluate must rerun first
     with pytest.raises(DataError, match=r"not at the chosen 0 and 2: run `dvc repro evaluate@lora-0`"):
         compare.load_inputs(params, args)
@@ -312,3 +312,23 @@ def test_a_template_never_prints_a_missing_number(tmp_path):
             R.render(lang, ctx)
     with pytest.raises(ValueError, match="no report template for language 'fr'"):
         R.render("fr", ctx)
+
+
+# ----- what compare may read ----------------------------------------------------------------------------
+# compare's `params:` in dvc.yaml (the grid contract): DVC reruns it when one of these changes, and only then
+COMPARE_PARAMS = ("run", "seeds", "lr_grid", "lr_selection", "variants", "quantize", "model.source", "data.source",
+                  "data.n_test", "train.steps", "train.batch_size", "train.schedule", "train.warmup_steps",
+                  "train.device", "tracking")
+
+
+def test_compare_reads_only_the_params_its_stage_declares(tmp_path):
+    from pipeline.declared import restrict
+
+    params = grid_params(["lora", "vera"], seeds=(0, 1), lr_grid=(0.5, 1))
+    lengths, edits = _items()
+    args = write_run(tmp_path, params, {"lora": [edits] * 2, "vera": [edits] * 2}, lengths)
+    seen = restrict(params, "compare", COMPARE_PARAMS)
+    ctx = compare.run(args, seen)  # an undeclared read (train.lr, seed, ...) raises UndeclaredParamError
+    assert seen.used() <= set(COMPARE_PARAMS)
+    # the chosen cell's lr comes from select's files (select declares train.lr and variants.<v>.lr)
+    assert _method(ctx, "vera")["lr"] == pytest.approx(1e-2) and _method(ctx, "lora")["lr"] == pytest.approx(1e-3)
