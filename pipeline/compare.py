@@ -57,6 +57,10 @@ BASELINE = "base"  # the base model's row: the name dvc.yaml's evaluate_base sta
 REFERENCE = "lora"  # every quality and memory judgement is relative to plain LoRA
 TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
 CRITERION_COLUMN = {"final_val_loss": "val_loss_final", "min_val_loss": "val_loss_min"}
+# the measurements a variant's row averages over seeds (counts and bytes rounded back to integers)
+MEASURED = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params", "trainable_percent", "adapter_bytes",
+            "base_weight_bytes", "peak_memory_bytes", "training_memory_bytes", "train_seconds", "tokens_per_second",
+            "steps")
 INT_COLUMNS = ("trainable_params", "adapter_bytes", "base_weight_bytes", "peak_memory_bytes", "training_memory_bytes",
                "steps")
 
@@ -67,7 +71,7 @@ class Method:
 
     name: str
     lr_multiple: str
-    lr: float
+    lr: float | None                 # None: an imported adapter
     seeds: tuple[int, ...]
     rows: list[dict]                 # the test metrics of each seed
     predictions: list[list[dict]]    # the test predictions of each seed
@@ -93,7 +97,7 @@ class Inputs:
 
 def mean_row(rows: list[dict]) -> dict:
     out = dict(rows[0])
-    for key in METRIC_COLUMNS:
+    for key in MEASURED:
         values = [r.get(key) for r in rows]
         if any(v is None for v in values) or not all(isinstance(v, (int, float)) for v in values):
             continue
@@ -131,10 +135,11 @@ def chosen_multiple(params, variant: str, selection_dir: str):
     except ValueError as err:
         raise DataError(f"{selection_dir}/{variant}.json: {err}; run `dvc repro select@{variant}`") from None
     lr = chosen.get("lr")
-    if not R.is_finite(lr) or lr <= 0:
+    imported = params.variants[variant].peft_adapter is not None  # trained elsewhere: no lr of ours
+    if not (imported and lr is None) and (not R.is_finite(lr) or lr <= 0):
         raise DataError(f"{selection_dir}/{variant}.json: lr must be a positive number, got {lr!r}; "
                         f"run `dvc repro select@{variant}`")
-    return point, float(lr)
+    return point, None if lr is None else float(lr)
 
 
 def load_method(params, args, name: str) -> Method:
@@ -453,6 +458,7 @@ def comparison_table(ctx: dict) -> pd.DataFrame:
         is_base = e["name"] == BASELINE
         delta = None if is_base else e["delta"]
         records.append({**e["metrics"], "variant": e["name"],
+                        "seed": None,  # a mean over seeds (where the metrics carry their cell's seed)
                         "seeds": None if is_base else e["seeds"],
                         "lr_multiple": None if is_base else e["lr_multiple"], "lr": None if is_base else e["lr"],
                         "error_rate": e["error"]["value"], "error_low": e["error"]["low"],
