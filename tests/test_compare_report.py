@@ -169,7 +169,7 @@ def test_one_seed_says_seed_variance_is_unmeasured_and_several_do_not(tmp_path):
     for seeds in ((0,), (0, 1)):
         params = grid_params(["lora", "dora"], seeds=seeds)
         args = write_run(tmp_path / str(len(seeds)), params, {"lora": [edits] * len(seeds),
-                                                              "dora": [edits] * len(seeds)}, lengths)
+                                                              "dora": [edits[::-1]] * len(seeds)}, lengths)
         compare.run(args, params)
         texts[len(seeds)] = [(tmp_path / str(len(seeds)) / f"reports/comparison{s}.md").read_text() for s in ("", ".zh")]
     assert "- **One seed**: seed-to-seed variance is unmeasured." in texts[1][0]
