@@ -27,7 +27,9 @@ HEADLINE = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params"
 
 def mean(values: list) -> float | None:
     """The mean over seeds; None when a value is missing (no phoneme error rate outside G2P)."""
-    return None if any(v is None for v in values) else sum(values) / len(values)
+    if any(v is None for v in values):
+        return None
+    return values[0] if len(set(values)) == 1 else sum(values) / len(values)  # (an int stays an int)
 
 
 def focus_row(variant: str, seeds, folder: Path) -> dict:
