@@ -55,7 +55,7 @@ def focus_row(variant: str, seeds, folder: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, params = start("focus", __doc__, argv, adapter_specs=False,
+    args, params = start("focus", __doc__, argv,
                          inputs={"--metrics": "the headline variant's folder of per-seed metrics"},
                          outputs={"--out": "the headline metrics (DVC metrics)"})
     if params is None:
