@@ -5,7 +5,8 @@
   (G2P data; the prompt for user data without a ``word`` column) appears in two splits.
 - ``VariantMetrics``: one row per variant (or the base-model baseline), columns ``METRIC_COLUMNS``
   (evaluate -> compare).
-- ``ComparisonTable``: ``VariantMetrics`` plus the derived labels of the report (compare).
+- ``ComparisonTable``: ``VariantMetrics`` (means over seeds) plus the chosen lr, the error rate's
+  interval, the difference to LoRA with its Holm-adjusted p, and the report's labels (compare).
 - ``ValidationTable``: one row per grid cell (variant, seed, lr multiple) with its validation
   losses and whether its multiple is the chosen one (select -> compare's lr-sensitivity plot).
 
@@ -49,8 +50,9 @@ __all__ = [
 
 SPLITS = ("train", "validation", "test")
 # "imported": an adapter trained elsewhere (`peft_adapter`), whose training memory is unknown
-MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported")
-QUALITY_LABELS = ("better", "comparable", "worse", "baseline")
+# "not_compared": the base model's row (not a method of the run); "no_reference": no LoRA in the run
+MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported", "not_compared")
+QUALITY_LABELS = ("better", "comparable", "worse", "baseline", "no_reference", "not_compared")
 MAX_SHOWN = 10
 
 # The name of the dataframe-level leakage check; the error formatter reports it on its key column.
@@ -158,15 +160,31 @@ METRIC_COLUMNS = (
 
 
 class ComparisonTable(VariantMetrics):
-    """The report's table: the measured metrics plus labels derived from them."""
+    """The report's table: the metrics averaged over seeds, the chosen lr, the error rate's interval,
+    the difference to LoRA with its Holm-adjusted p, and the labels derived from them.
 
+    The error rate is the compared one: phoneme error rate for G2P, else 1 - exact match. The base
+    model's row has no seeds, lr, difference or labels ("not_compared"); without LoRA in the run no
+    row has a difference."""
+
+    seeds: Series[pd.Int64Dtype] = pa.Field(ge=1, nullable=True)  # how many seeds the means are over
+    lr_multiple: Series[str] = pa.Field(nullable=True)             # the lr_grid label select chose
+    lr: Series[float] = pa.Field(gt=0, nullable=True)
+    error_rate: Series[float] = pa.Field(ge=0)
+    error_low: Series[float] = pa.Field(ge=0)    # 95% hierarchical-bootstrap interval (seeds, then items)
+    error_high: Series[float] = pa.Field(ge=0)
+    delta_vs_lora: Series[float] = pa.Field(nullable=True)  # error rate minus LoRA's
+    delta_low: Series[float] = pa.Field(nullable=True)
+    delta_high: Series[float] = pa.Field(nullable=True)
+    p_holm: Series[float] = pa.Field(in_range={"min_value": 0, "max_value": 1}, nullable=True)
     memory_label: Series[str] = pa.Field(isin=list(MEMORY_LABELS))
     quality_label: Series[str] = pa.Field(isin=list(QUALITY_LABELS))
-    # PER of the variant minus PER of plain LoRA; null without PER or without a LoRA row.
-    per_delta_vs_lora: Series[float] = pa.Field(nullable=True)
 
 
-COMPARISON_COLUMNS = METRIC_COLUMNS + ("memory_label", "quality_label", "per_delta_vs_lora")
+_COMPARISON_EXTRA = ("seeds", "lr_multiple", "lr", "error_rate", "error_low", "error_high", "delta_vs_lora",
+                     "delta_low", "delta_high", "p_holm", "memory_label", "quality_label")
+# (a metrics row may already carry its cell's lr_multiple: each column is listed once, in the metrics' place)
+COMPARISON_COLUMNS = METRIC_COLUMNS + tuple(c for c in _COMPARISON_EXTRA if c not in METRIC_COLUMNS)
 
 
 class ValidationTable(pa.DataFrameModel):
