@@ -7,6 +7,8 @@
   (evaluate -> compare).
 - ``ComparisonTable``: ``VariantMetrics`` (means over seeds) plus the chosen lr, the error rate's
   interval, the difference to LoRA with its Holm-adjusted p, and the report's labels (compare).
+- ``ValidationTable``: one row per grid cell (variant, seed, lr multiple) with its validation
+  losses and whether its multiple is the chosen one (select -> compare's lr-sensitivity plot).
 
 All schemas are strict (no unknown columns) and coerce dtypes. ``validate_prepared``,
 ``validate_metrics`` and ``validate_comparison`` validate lazily, so one run reports every failing
@@ -37,10 +39,13 @@ __all__ = [
     "ComparisonTable",
     "DataError",
     "PreparedData",
+    "VALIDATION_COLUMNS",
+    "ValidationTable",
     "VariantMetrics",
     "validate_comparison",
     "validate_metrics",
     "validate_prepared",
+    "validate_validation",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -116,6 +121,10 @@ class VariantMetrics(pa.DataFrameModel):
     tokens_per_second: Series[float] = pa.Field(ge=0)
     steps: Series[int] = pa.Field(ge=0)
     optimizer: Series[str]
+    # The grid cell a variant's row comes from: its training seed and the chosen lr multiple (lr_grid's
+    # label); null for the base-model row. Optional columns, so tables of one row per variant still validate.
+    seed: Series[pd.Int64Dtype] | None = pa.Field(ge=0, nullable=True)
+    lr_multiple: Series[str] | None = pa.Field(nullable=True)
 
     # The method is named like its check: validating the subclass ComparisonTable renames the
     # parent's inherited check to its method name (pandera 0.35), so both must agree.
@@ -145,6 +154,8 @@ METRIC_COLUMNS = (
     "tokens_per_second",
     "steps",
     "optimizer",
+    "seed",
+    "lr_multiple",
 )
 
 
@@ -174,6 +185,48 @@ _COMPARISON_EXTRA = ("seeds", "lr_multiple", "lr", "error_rate", "error_low", "e
                      "delta_low", "delta_high", "p_holm", "memory_label", "quality_label")
 # (a metrics row may already carry its cell's lr_multiple: each column is listed once, in the metrics' place)
 COMPARISON_COLUMNS = METRIC_COLUMNS + tuple(c for c in _COMPARISON_EXTRA if c not in METRIC_COLUMNS)
+
+
+class ValidationTable(pa.DataFrameModel):
+    """Every cell's validation losses, one row per (variant, seed, lr multiple); `chosen` marks the
+    rows of the multiple that select@<variant> picked (one multiple per variant, all its seeds)."""
+
+    variant: Series[str]
+    seed: Series[int] = pa.Field(ge=0)
+    lr_multiple: Series[str]  # lr_grid's label as DVC names it ("1", "0.5"); a string, never re-printed
+    lr: Series[float] = pa.Field(gt=0, nullable=True)  # null: an imported adapter (not trained here)
+    val_loss_final: Series[float] = pa.Field(ge=0, nullable=True)
+    val_loss_min: Series[float] = pa.Field(ge=0, nullable=True)
+    chosen: Series[bool]
+
+    @pa.dataframe_check(name="one_row_per_cell")
+    def _one_row_per_cell(cls, df: pd.DataFrame) -> pd.Series:
+        return ~df.duplicated(["variant", "seed", "lr_multiple"], keep=False)
+
+    @pa.dataframe_check(name="one_chosen_multiple_per_variant")
+    def _one_chosen_multiple(cls, df: pd.DataFrame) -> pd.Series:
+        # per variant, exactly one multiple is chosen, and it is chosen for every seed
+        chosen = df[df["chosen"]].groupby("variant")["lr_multiple"].nunique()
+        per_multiple = df.groupby(["variant", "lr_multiple"])["chosen"].transform("nunique")
+        return df["variant"].map(chosen).eq(1) & per_multiple.eq(1)
+
+    @pa.dataframe_check(name="min_not_above_final")
+    def _min_not_above_final(cls, df: pd.DataFrame) -> pd.Series:
+        return df["val_loss_final"].isna() | (df["val_loss_min"] <= df["val_loss_final"])
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+VALIDATION_COLUMNS = ("variant", "seed", "lr_multiple", "lr", "val_loss_final", "val_loss_min", "chosen")
+
+
+def validate_validation(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate (and coerce) a ValidationTable (read the CSV with dtype={"lr_multiple": str}: "1.0" is not "1")."""
+    return _validate(ValidationTable, df, "validation table", {"one_row_per_cell": "lr_multiple",
+                                                               "one_chosen_multiple_per_variant": "chosen",
+                                                               "min_not_above_final": "val_loss_min"})
 
 
 def validate_prepared(df: pd.DataFrame) -> pd.DataFrame:

@@ -49,6 +49,8 @@ def metrics_row(variant: str = "lora", **overrides) -> dict:
         "tokens_per_second": 175.0,
         "steps": 40,
         "optimizer": "adamw",
+        "seed": 0,            # the cell: training seed and the chosen lr multiple (null for the base row)
+        "lr_multiple": "1",
     }
     row.update(overrides)
     return row
