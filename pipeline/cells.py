@@ -35,7 +35,7 @@ class Cell:
     @property
     def adapter(self) -> str:
         """The adapter folder below the variant's folder of adapters."""
-        return f"{seed_name(self.seed)}/lr{self.lr.label}"
+        return f"{seed_name(self.seed)}/{lr_folder(self.lr.label)}"
 
     @property
     def curve(self) -> str:
@@ -45,6 +45,11 @@ class Cell:
 
 def seed_name(seed: int) -> str:
     return f"seed{seed}"
+
+
+def lr_folder(label: str) -> str:
+    """A cell's adapter folder below its seed's folder: lr_folder('0.5') == 'lr0.5'."""
+    return f"lr{label}"
 
 
 def seed_file(seed: int, suffix: str) -> str:

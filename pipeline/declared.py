@@ -35,34 +35,62 @@ class UndeclaredParamError(RuntimeError):
 
 
 def declared_params(stage: str, dvc_yaml: str | os.PathLike = DVC_YAML) -> tuple[str, ...]:
-    """The params.yaml keys that dvc.yaml declares for `stage` ("train@lora", "compare", ...)."""
+    """The params.yaml keys that dvc.yaml declares for `stage` ("train@lora-0-1", "select@lora", "compare", ...)."""
     dvc_yaml = Path(dvc_yaml)
     try:
         stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
     except OSError as err:
         raise UndeclaredParamError(f"cannot read the stage declarations in {dvc_yaml}: {err}") from None
-    name, _, key = stage.partition("@")
-    entry = stages.get(name)
-    if entry is None:
-        raise UndeclaredParamError(f"{dvc_yaml.name} has no stage {name!r} (stages: {', '.join(stages)})")
-    if "foreach" in entry:
-        if not key:
-            raise UndeclaredParamError(f"{dvc_yaml.name}: stage {name!r} is a foreach stage; name it as {name}@<key>")
-        entry = entry["do"]
-    elif key:
-        raise UndeclaredParamError(f"{dvc_yaml.name}: stage {name!r} is not a foreach stage, got {stage!r}")
+    entry, values = stage_entry(stage, stages, dvc_yaml.name)
     keys: list[str] = []
     for item in entry.get("params") or []:
         if isinstance(item, str):
             keys.append(item)
         elif isinstance(item, Mapping):  # {params.yaml: [keys]}; other files are not ours
             keys.extend(item.get(PARAMS_FILE) or [])
-    resolved = tuple(k.replace("${key}", key) for k in keys)
+    resolved = tuple(substitute(k, values) for k in keys)
     unresolved = [k for k in resolved if "${" in k]
     if unresolved:
         raise UndeclaredParamError(f"{dvc_yaml.name}: stage {stage!r} declares params {unresolved} that only "
-                                   "${key} may parametrize")
+                                   f"{', '.join(values) or 'nothing'} may parametrize")
     return resolved
+
+
+def stage_entry(stage: str, stages: Mapping, where: str = "dvc.yaml") -> tuple[Mapping, dict[str, str]]:
+    """The dvc.yaml entry that runs `stage`, and the values of its `${...}` placeholders.
+
+    `name@key` names one stage of a `foreach` (`${item}` for a list, `${key}` and `${item}` for a
+    mapping: the key) or of a `matrix`, whose key is its values joined by '-' in the matrix's
+    order: `train@lora-0-1` is variant lora, seed 0, lr 1 (`${item.variant}`, ...). Only the last
+    value may hold a '-' (an lr label such as 1e-05; variant names and seeds cannot).
+    """
+    name, at, key = stage.partition("@")
+    entry = stages.get(name)
+    if entry is None:
+        raise UndeclaredParamError(f"{where} has no stage {name!r} (stages: {', '.join(stages)})")
+    if "foreach" in entry:
+        if not key:
+            raise UndeclaredParamError(f"{where}: stage {name!r} is a foreach stage; name it as {name}@<key>, "
+                                       f"got {stage!r}")
+        return entry["do"], {"${item}": key, "${key}": key}
+    if "matrix" in entry:
+        dims = list(entry["matrix"])
+        parts = key.split("-", len(dims) - 1) if key else []
+        if len(parts) != len(dims) or not all(parts):
+            form = "-".join(f"<{d}>" for d in dims)
+            raise UndeclaredParamError(f"{where}: stage {name!r} is a matrix stage; name it as {name}@{form}, "
+                                       f"got {stage!r}")
+        return entry, {f"${{item.{d}}}": part for d, part in zip(dims, parts, strict=True)}
+    if at:
+        raise UndeclaredParamError(f"{where}: stage {name!r} is neither a foreach nor a matrix stage, got {stage!r}")
+    return entry, {}
+
+
+def substitute(text: str, values: Mapping[str, str]) -> str:
+    """`text` with each placeholder of `values` (from `stage_entry`) replaced."""
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
 
 
 def restrict(params: Params, stage: str, declared: tuple[str, ...] | None = None) -> StageParams:

@@ -1,9 +1,14 @@
-"""Stage `evaluate@<variant>` (and `evaluate_base`): quality and cost of one trained variant.
+"""Stage `evaluate@<variant>-<seed>` (and `evaluate_base`): quality and cost of one trained variant.
 
-    python -m pipeline.evaluate <variant> --adapter models/adapters/<variant> --data data/prepared \
-        --base models/base --metrics reports/metrics/<variant>.json --predictions reports/predictions/<variant>.jsonl
-    python -m pipeline.evaluate base --data ... --base ... --metrics ... --predictions ...   # no --adapter:
+    python -m pipeline.evaluate <variant> --seed <s> --selection reports/selection/<variant>.json \
+        --adapters models/adapters/<variant>/seed<s> --data data/prepared --base models/base \
+        --metrics reports/metrics/<variant>/seed<s>.json --predictions reports/predictions/<variant>/seed<s>.jsonl
+    python -m pipeline.evaluate base --data ... --base ... --metrics ... --predictions ...   # no --adapters:
                                                   # the untouched base model, the baseline row named `base`
+
+A variant is tested once per seed, with the lr multiple that `select@<variant>` chose on
+validation loss (--selection): the adapter `<adapters>/lr<multiple>` (pipeline/cells.py) of
+the seed's folder of lr cells. The other cells are never tested.
 
 On the test split: eval loss on response tokens only, and greedy generations scored by
 exact match and — for the G2P task — phoneme error rate (edit distance over phonemes /
@@ -11,12 +16,14 @@ reference length). The costs measured in training (trainable params, adapter byt
 base-weight bytes, peak memory, wall time, tokens/s) come from the adapter folder's
 train_summary.json. Writes, atomically:
 
-- the metrics (--metrics): one flat row (validated by the VariantMetrics schema);
+- the metrics (--metrics): one flat row (validated by the VariantMetrics schema), with the
+  cell's seed, lr multiple and lr;
 - the predictions (--predictions): every test prompt's generation and its edit distance
   (the report's paired bootstrap uses them).
 
-MLflow: the metrics go onto the variant's run (opened by `train@<variant>`); this stage's own
-run, nested under it, spans the stage and holds its cost (eval_seconds) and the predictions.
+MLflow: the metrics go onto the chosen cell's run (opened by its train stage, recorded in its
+adapter folder); this stage's own run, nested under it, spans the stage and holds its cost
+(eval_seconds) and the predictions.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 import variants
+from pipeline.cells import lr_folder
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
@@ -45,24 +53,72 @@ def base_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def stage_name(args) -> str:
+    """A variant's seed is stage evaluate@<name>-<seed>; the base model alone is stage evaluate_base."""
+    return f"evaluate@{args.name}-{args.seed}" if args.adapters else "evaluate_base"
+
+
 def parse(argv: list[str] | None = None):
     """(arguments, params as the stage may read them); params is None after a printed error."""
-    return start("evaluate", __doc__, argv,
-                 # a variant is stage evaluate@<name>; the base model alone is stage evaluate_base
-                 stage=lambda a: f"evaluate@{a.name}" if a.adapter else "evaluate_base",
+    return start("evaluate", __doc__, argv, stage=stage_name,
                  positional=(("name", {"help": "the row's name: the variant, or `base` for the base model"}),),
                  inputs={"--data": "the prepared data folder", "--base": "the base model folder"},
                  outputs={"--metrics": "the metrics row (JSON)", "--predictions": "the predictions (JSON lines)"},
-                 options=(("--adapter", {"metavar": "PATH", "help": "(read) the adapter folder; without it the "
-                                                                     "base model is evaluated"}),))
+                 options=(("--adapters", {"metavar": "PATH", "help": "(read) the seed's folder of lr cells "
+                                                                      "(lr<multiple>/ each); without it the base "
+                                                                      "model is evaluated"}),
+                          ("--seed", {"type": int, "metavar": "SEED", "help": "the training seed of the cells in --adapters"}),
+                          ("--selection", {"metavar": "PATH", "help": "(read) the variant's chosen lr multiple "
+                                                                      "(select@<variant>)"})))
+
+
+def chosen_adapter(args) -> tuple[Path, dict]:
+    """The adapter folder of the lr multiple select@<variant> chose for this seed, and the selection.
+
+    Every mismatch is a DataError naming the file and the stage that makes it right, raised before
+    any model is loaded."""
+    given = [flag for flag, value in (("--seed", args.seed), ("--selection", args.selection)) if value is not None]
+    if len(given) < 2:
+        raise DataError("--adapters needs --seed and --selection (the seed's folder of lr cells, and the chosen "
+                        f"multiple); got only {', '.join(given) or 'neither'}")
+    if args.seed < 0:
+        raise DataError(f"--seed must be a non-negative integer, got {args.seed}")
+    path = Path(args.selection)
+    if not path.is_file():
+        raise DataError(f"no lr selection at {path}: run select@{args.name} first")
+    try:
+        selection = json.loads(path.read_text())
+        label = selection["lr_multiple"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not an lr selection (needs lr_multiple): {err}") from None
+    if selection.get("variant") != args.name:
+        raise DataError(f"{path} holds the selection of {selection.get('variant')!r}, not of {args.name!r}")
+    adapter = Path(args.adapters) / lr_folder(str(label))
+    if not (adapter / "train_summary.json").is_file():
+        raise DataError(f"no trained adapter in {adapter} (train_summary.json is missing): select@{args.name} "
+                        f"chose lr multiple {label}; run train@{args.name}-{args.seed}-{label}")
+    summary = json.loads((adapter / "train_summary.json").read_text())
+    found = (summary.get("variant"), summary.get("seed"), summary.get("lr_multiple"))
+    if found != (args.name, args.seed, str(label)):
+        raise DataError(f"{adapter} holds the adapter of variant, seed, lr multiple {found}, not "
+                        f"{(args.name, args.seed, str(label))}: rerun train@{args.name}-{args.seed}-{label}")
+    return adapter, selection
+
+
+def check_base_arguments(args) -> None:
+    given = [flag for flag, value in (("--seed", args.seed), ("--selection", args.selection)) if value is not None]
+    if given:
+        raise DataError(f"{' and '.join(given)} only go with --adapters (the base model has no seed or lr)")
 
 
 def run(args, params) -> dict:
-    name = args.name if args.adapter else None  # None: the base model alone
+    name = args.name if args.adapters else None  # None: the base model alone
     label = args.name
-    adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and not (adapter / "train_summary.json").is_file():
-        raise DataError(f"no trained adapter in {adapter} (train_summary.json is missing)")
+    if name is not None:
+        adapter, _ = chosen_adapter(args)
+    else:
+        adapter = None
+        check_base_arguments(args)
     configure_cpu()
     seed_everything(params.seed)
     device = pick_device(params.train.device)
@@ -107,6 +163,9 @@ def run(args, params) -> dict:
         "tokens_per_second": summary["tokens_per_second"] if summary else 0.0,
         "steps": summary["steps"] if summary else 0,
         "optimizer": summary["optimizer"] if summary else "none",
+        # the cell: its training seed and the chosen lr multiple (the base model has neither)
+        "seed": args.seed if summary else None,
+        "lr_multiple": summary["lr_multiple"] if summary else None,
     }
     validate_metrics(pd.DataFrame([row], columns=list(METRIC_COLUMNS)))
     extra = {"label": summary["label"] if summary else "base model", "eval_seconds": peak.seconds,
@@ -130,15 +189,17 @@ def run(args, params) -> dict:
         tracker = Tracker(params.tracking.enabled and train_run is not None, params.tracking.experiment,
                           run_info.get("uri"))
         # A run of its own, nested under the training run: this stage's start, end, cost and predictions...
-        tracker.start(run_name=f"{name} evaluate", tags=standard_tags(name, "evaluate"), parent_run_id=train_run)
+        cell = {"seed": str(args.seed), "lr_multiple": row["lr_multiple"]}
+        tracker.start(run_name=f"{name} seed={args.seed} evaluate", tags={**standard_tags(name, "evaluate"), **cell},
+                      parent_run_id=train_run)
         tracker.log_metrics({"eval_seconds": peak.seconds, "eval_peak_memory_bytes": peak.bytes,
                              "n_test": len(test_ex)})
         tracker.log_artifact(args.predictions, "predictions")
         tracker.end("FINISHED")
-        # ...and the variant's numbers on its training run (once: one bar per variant in the charts), so the
-        # runs table shows them next to its params.
-        tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None},
-                            run_id=train_run)
+        # ...and the test numbers on the chosen cell's training run (the only cell of the seed that is tested),
+        # so the runs table shows them next to its params.
+        tracker.log_metrics({k: v for k, v in row.items()
+                             if isinstance(v, (int, float)) and v is not None and k != "seed"}, run_id=train_run)
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

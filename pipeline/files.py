@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from variants.io import staged_folder, staging_folder, swap_folder
-
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
@@ -80,8 +78,11 @@ def remove_leftovers(targets: Iterable[str | os.PathLike]) -> list[Path]:
     return removed
 
 
-# Yield an empty temporary folder; on success it replaces the path in one rename.
-atomic_folder = staged_folder
+def atomic_folder(path):
+    """Yield an empty temporary folder; on success it replaces the path in one rename."""
+    from variants.io import staged_folder  # (variants imports torch: only stages that write folders need it)
+
+    return staged_folder(path)
 
 
 def commit_outputs(files: dict[str, bytes | str] | None = None,
@@ -101,6 +102,8 @@ def commit_outputs(files: dict[str, bytes | str] | None = None,
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             os.chmod(tmp, 0o644)
+        if folders:
+            from variants.io import staging_folder, swap_folder
         for path, build in (folders or {}).items():
             target = Path(path)
             tmp = staging_folder(target)

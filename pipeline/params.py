@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from variants import AdapterSpec, peft_spec
+if typing.TYPE_CHECKING:
+    from variants import AdapterSpec
 
 PARAMS_FILE = "params.yaml"
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -151,7 +152,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class VariantConfig:
     name: str
-    spec: AdapterSpec
+    spec: AdapterSpec | None  # None only from load_params(adapter_specs=False)
     lr: float | None = None  # overrides train.lr for this variant (VeRA needs a higher one)
     # a PEFT adapter folder trained elsewhere: `train` imports it instead of training (spec read from it)
     peft_adapter: str | None = None
@@ -193,8 +194,12 @@ class Params:
 
 
 # ----- loading ----------------------------------------------------------------------------------------
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
-    """Read and validate a params file; ParamsError on the first problem."""
+def load_params(path: str | os.PathLike = PARAMS_FILE, adapter_specs: bool = True) -> Params:
+    """Read and validate a params file; ParamsError on the first problem.
+
+    `adapter_specs=False` checks every key except the adapter specs of `variants` (left None):
+    those need the parts registry, i.e. torch, which a stage that never builds a model (`select`)
+    does not import, so that it starts in a fraction of a second."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
@@ -202,10 +207,10 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return params_from_dict(raw, str(path.name))
+    return params_from_dict(raw, str(path.name), adapter_specs)
 
 
-def params_from_dict(raw: Any, label: str = PARAMS_FILE) -> Params:
+def params_from_dict(raw: Any, label: str = PARAMS_FILE, adapter_specs: bool = True) -> Params:
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{label}: the top level must be a mapping, got {_show(raw)}")
     sections = {"seed", "model", "data", "quantize", "train", "eval", "tracking", "variants", "variant",
@@ -218,7 +223,7 @@ def params_from_dict(raw: Any, label: str = PARAMS_FILE) -> Params:
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("quantize", QuantizeConfig),
                       ("train", TrainConfig), ("eval", EvalConfig), ("tracking", TrackingConfig)):
         configs[name] = _build(cls, raw.get(name, {}), label, name)
-    variants = _variants(raw.get("variants"), label)
+    variants = _variants(raw.get("variants"), label, adapter_specs)
     run = _run(raw.get("run"), variants, label)
     variant = raw.get("variant", run[0])
     if not isinstance(variant, str) or variant not in run:
@@ -295,7 +300,7 @@ def _lr_grid(raw: Any, label: str) -> tuple[LrPoint, ...]:
     return tuple(points)
 
 
-def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:
+def _variants(raw: Any, label: str, adapter_specs: bool = True) -> dict[str, VariantConfig]:
     if not isinstance(raw, Mapping) or not raw:
         raise ParamsError(f"{label}: variants must be a non-empty mapping of name -> adapter spec, got {_show(raw)}")
     out = {}
@@ -307,11 +312,16 @@ def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:
             raise ParamsError(f"{label}: {where} must be a mapping, got {_show(entry)}")
         entry = dict(entry)
         if "peft_adapter" in entry:
-            out[name] = _imported_variant(name, entry, label)
+            out[name] = _imported_variant(name, entry, label, adapter_specs)
             continue
         lr = entry.pop("lr", None)
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
             raise ParamsError(f"{label}: {where}.lr must be a positive number, got {_show(lr)}")
+        if not adapter_specs:
+            out[name] = VariantConfig(name=name, spec=None, lr=float(lr) if lr is not None else None)
+            continue
+        from variants import AdapterSpec  # (the parts registry: torch)
+
         try:
             spec = AdapterSpec.from_dict(entry)
         except ValueError as err:
@@ -320,7 +330,7 @@ def _variants(raw: Any, label: str) -> dict[str, VariantConfig]:
     return out
 
 
-def _imported_variant(name: str, entry: dict, label: str) -> VariantConfig:
+def _imported_variant(name: str, entry: dict, label: str, adapter_specs: bool = True) -> VariantConfig:
     """variants.<name>: {peft_adapter: <folder>}; the spec is the one the folder's PEFT config describes."""
     where = f"variants.{name}.peft_adapter"
     folder = entry.pop("peft_adapter")
@@ -333,6 +343,10 @@ def _imported_variant(name: str, entry: dict, label: str) -> VariantConfig:
         raise ParamsError(f"{label}: {where} must name a PEFT adapter folder, got {_show(folder)}")
     if not Path(folder).is_dir():
         raise ParamsError(f"{label}: {where}: no such folder {folder!r}")
+    if not adapter_specs:
+        return VariantConfig(name=name, spec=None, peft_adapter=folder)
+    from variants import peft_spec
+
     try:
         spec = peft_spec(folder)
     except (ValueError, OSError) as err:
@@ -353,8 +367,8 @@ def _check_cross_fields(params: Params, label: str) -> None:
         raise ParamsError(f"{label}: model.source: no such model folder {model.source!r}")
     for name, v in params.variants.items():
         spec = v.spec
-        if v.peft_adapter is not None:
-            continue  # trained elsewhere: neither the quantize stage nor train.steps applies to it
+        if v.peft_adapter is not None or spec is None:
+            continue  # trained elsewhere (or specs not loaded): neither the quantize stage nor train.steps applies to it
         if spec.base in ("nf4", "fp4"):
             q = params.quantize
             mine = (spec.base, spec.options["double_quant"], spec.options["quant_blocksize"])
@@ -414,6 +428,8 @@ def _check_distributed(params: Params, label: str) -> None:
         raise ParamsError(f"{label}: train.batch_size ({train.batch_size}) must be at least the number of "
                           f"processes ({dist.world_size} = {where}.nproc_per_node x nnodes): each process trains "
                           "on its share of the global batch")
+    if any(v.spec is None for v in params.variants.values()):
+        return  # (specs not loaded: the stages that train check them)
     from variants.distributed import check_strategy  # (only when a strategy is set)
 
     for name, v in params.variants.items():

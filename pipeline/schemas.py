@@ -5,7 +5,10 @@
   (G2P data; the prompt for user data without a ``word`` column) appears in two splits.
 - ``VariantMetrics``: one row per variant (or the base-model baseline), columns ``METRIC_COLUMNS``
   (evaluate -> compare).
-- ``ComparisonTable``: ``VariantMetrics`` plus the derived labels of the report (compare).
+- ``ComparisonTable``: ``VariantMetrics`` (means over seeds) plus the chosen lr, the error rate's
+  interval, the difference to LoRA with its Holm-adjusted p, and the report's labels (compare).
+- ``ValidationTable``: one row per grid cell (variant, seed, lr multiple) with its validation
+  losses and whether its multiple is the chosen one (select -> compare's lr-sensitivity plot).
 
 All schemas are strict (no unknown columns) and coerce dtypes. ``validate_prepared``,
 ``validate_metrics`` and ``validate_comparison`` validate lazily, so one run reports every failing
@@ -36,16 +39,20 @@ __all__ = [
     "ComparisonTable",
     "DataError",
     "PreparedData",
+    "VALIDATION_COLUMNS",
+    "ValidationTable",
     "VariantMetrics",
     "validate_comparison",
     "validate_metrics",
     "validate_prepared",
+    "validate_validation",
 ]
 
 SPLITS = ("train", "validation", "test")
 # "imported": an adapter trained elsewhere (`peft_adapter`), whose training memory is unknown
-MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported")
-QUALITY_LABELS = ("better", "comparable", "worse", "baseline")
+# "not_compared": the base model's row (not a method of the run); "no_reference": no LoRA in the run
+MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported", "not_compared")
+QUALITY_LABELS = ("better", "comparable", "worse", "baseline", "no_reference", "not_compared")
 MAX_SHOWN = 10
 
 # The name of the dataframe-level leakage check; the error formatter reports it on its key column.
@@ -114,6 +121,10 @@ class VariantMetrics(pa.DataFrameModel):
     tokens_per_second: Series[float] = pa.Field(ge=0)
     steps: Series[int] = pa.Field(ge=0)
     optimizer: Series[str]
+    # The grid cell a variant's row comes from: its training seed and the chosen lr multiple (lr_grid's
+    # label); null for the base-model row. Optional columns, so tables of one row per variant still validate.
+    seed: Series[pd.Int64Dtype] | None = pa.Field(ge=0, nullable=True)
+    lr_multiple: Series[str] | None = pa.Field(nullable=True)
 
     # The method is named like its check: validating the subclass ComparisonTable renames the
     # parent's inherited check to its method name (pandera 0.35), so both must agree.
@@ -143,19 +154,78 @@ METRIC_COLUMNS = (
     "tokens_per_second",
     "steps",
     "optimizer",
+    "seed",
+    "lr_multiple",
 )
 
 
 class ComparisonTable(VariantMetrics):
-    """The report's table: the measured metrics plus labels derived from them."""
+    """The report's table: the metrics averaged over seeds, the chosen lr, the error rate's interval,
+    the difference to LoRA with its Holm-adjusted p, and the labels derived from them.
 
+    The error rate is the compared one: phoneme error rate for G2P, else 1 - exact match. The base
+    model's row has no seeds, lr, difference or labels ("not_compared"); without LoRA in the run no
+    row has a difference."""
+
+    seeds: Series[pd.Int64Dtype] = pa.Field(ge=1, nullable=True)  # how many seeds the means are over
+    lr_multiple: Series[str] = pa.Field(nullable=True)             # the lr_grid label select chose
+    lr: Series[float] = pa.Field(gt=0, nullable=True)
+    error_rate: Series[float] = pa.Field(ge=0)
+    error_low: Series[float] = pa.Field(ge=0)    # 95% hierarchical-bootstrap interval (seeds, then items)
+    error_high: Series[float] = pa.Field(ge=0)
+    delta_vs_lora: Series[float] = pa.Field(nullable=True)  # error rate minus LoRA's
+    delta_low: Series[float] = pa.Field(nullable=True)
+    delta_high: Series[float] = pa.Field(nullable=True)
+    p_holm: Series[float] = pa.Field(in_range={"min_value": 0, "max_value": 1}, nullable=True)
     memory_label: Series[str] = pa.Field(isin=list(MEMORY_LABELS))
     quality_label: Series[str] = pa.Field(isin=list(QUALITY_LABELS))
-    # PER of the variant minus PER of plain LoRA; null without PER or without a LoRA row.
-    per_delta_vs_lora: Series[float] = pa.Field(nullable=True)
 
 
-COMPARISON_COLUMNS = METRIC_COLUMNS + ("memory_label", "quality_label", "per_delta_vs_lora")
+COMPARISON_COLUMNS = METRIC_COLUMNS + ("seeds", "lr_multiple", "lr", "error_rate", "error_low", "error_high",
+                                       "delta_vs_lora", "delta_low", "delta_high", "p_holm", "memory_label",
+                                       "quality_label")
+
+
+class ValidationTable(pa.DataFrameModel):
+    """Every cell's validation losses, one row per (variant, seed, lr multiple); `chosen` marks the
+    rows of the multiple that select@<variant> picked (one multiple per variant, all its seeds)."""
+
+    variant: Series[str]
+    seed: Series[int] = pa.Field(ge=0)
+    lr_multiple: Series[str]  # lr_grid's label as DVC names it ("1", "0.5"); a string, never re-printed
+    lr: Series[float] = pa.Field(gt=0, nullable=True)  # null: an imported adapter (not trained here)
+    val_loss_final: Series[float] = pa.Field(ge=0, nullable=True)
+    val_loss_min: Series[float] = pa.Field(ge=0, nullable=True)
+    chosen: Series[bool]
+
+    @pa.dataframe_check(name="one_row_per_cell")
+    def _one_row_per_cell(cls, df: pd.DataFrame) -> pd.Series:
+        return ~df.duplicated(["variant", "seed", "lr_multiple"], keep=False)
+
+    @pa.dataframe_check(name="one_chosen_multiple_per_variant")
+    def _one_chosen_multiple(cls, df: pd.DataFrame) -> pd.Series:
+        # per variant, exactly one multiple is chosen, and it is chosen for every seed
+        chosen = df[df["chosen"]].groupby("variant")["lr_multiple"].nunique()
+        per_multiple = df.groupby(["variant", "lr_multiple"])["chosen"].transform("nunique")
+        return df["variant"].map(chosen).eq(1) & per_multiple.eq(1)
+
+    @pa.dataframe_check(name="min_not_above_final")
+    def _min_not_above_final(cls, df: pd.DataFrame) -> pd.Series:
+        return df["val_loss_final"].isna() | (df["val_loss_min"] <= df["val_loss_final"])
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+VALIDATION_COLUMNS = ("variant", "seed", "lr_multiple", "lr", "val_loss_final", "val_loss_min", "chosen")
+
+
+def validate_validation(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate (and coerce) a ValidationTable (read the CSV with dtype={"lr_multiple": str}: "1.0" is not "1")."""
+    return _validate(ValidationTable, df, "validation table", {"one_row_per_cell": "lr_multiple",
+                                                               "one_chosen_multiple_per_variant": "chosen",
+                                                               "min_not_above_final": "val_loss_min"})
 
 
 def validate_prepared(df: pd.DataFrame) -> pd.DataFrame:

@@ -27,6 +27,7 @@ def start(module: str, doc: str, argv: list[str] | None, *,
           positional: tuple[tuple[str, dict[str, Any]], ...] = (),
           inputs: dict[str, str] | None = None, outputs: dict[str, str] | None = None,
           options: tuple[tuple[str, dict[str, Any]], ...] = (),
+          adapter_specs: bool = True,
           ) -> tuple[argparse.Namespace, StageParams | None]:
     """(arguments, params); params is None after an error message naming the bad key was printed.
 
@@ -34,6 +35,8 @@ def start(module: str, doc: str, argv: list[str] | None, *,
     arguments, e.g. `train@<variant>`) says otherwise, its dvc.yaml stage name. `inputs` and
     `outputs` map path options ("--base") to their help; all are required, and leftovers of
     killed writes beside each output are removed. `options` are further argparse arguments.
+    `adapter_specs=False`: a stage that builds no model skips the adapter specs' validation
+    (and with it torch's import; pipeline/params.py).
     """
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{module}", description=doc.strip().splitlines()[0])
     for name, kwargs in positional:
@@ -51,7 +54,7 @@ def start(module: str, doc: str, argv: list[str] | None, *,
     if running and running != name:  # DVC says which stage it runs: the declarations must be that stage's
         parser.error(f"dvc.yaml runs this command as stage {running!r}, but its arguments make it {name!r}")
     try:
-        params = restrict(load_params(args.params), name)
+        params = restrict(load_params(args.params, adapter_specs), name)
     except ParamsError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return args, None

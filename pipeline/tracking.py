@@ -14,6 +14,10 @@ One MLflow run per stage, so that a run's start, end and duration are its stage'
   its params, and each chart has one bar per variant), and opens a child run of it (tag
   `mlflow.parentRunId`, `stage=evaluate`) that spans the evaluation: its time and predictions.
 
+- `compare` opens one "comparison" run (tag kind=comparison): the reports, table and plots as
+  artifacts, members.json listing every cell's run, and the tag `comparison_run=<its id>` on
+  each of those runs, so the runs of one pipeline run can be found together.
+
 Each run starts when its stage's process started and ends when the stage is done.
 
 Only `MlflowClient` is used (no fluent API): no process-wide active run, no exported
@@ -282,6 +286,12 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id:
             self._call("log_artifact", lambda: self._client.call("log_artifact", self.run_id, str(path), artifact_path))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Tag another run of the store (the comparison run's id onto each member run)."""
+        if self.run_id and self._client is not None:
+            values = {k: str(v) for k, v in tags.items()}
+            self._call("set_tags", lambda: self._client.call("set_tags", run_id, values))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:

@@ -70,6 +70,11 @@ class Store:
     def log_artifacts(self, run_id: str, folder: str, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, folder, artifact_path)
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Tags on any run of the store (compare marks every member run with its comparison run)."""
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
     def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
         self.client.set_terminated(run_id, status, end_ms)
 

@@ -1,19 +1,30 @@
-"""Stage `train@<variant>`: fine-tune the base model with one variant, under the shared budget.
+"""Stage `train@<variant>-<seed>-<lr>`: fine-tune the base model with one variant, one seed, one lr.
 
-    python -m pipeline.train <variant> --data data/prepared --base models/base --quantized models/quantized \
-        --adapter models/adapters/<variant> --curve reports/curves/<variant>.csv \
-        --checkpoints models/checkpoints/<variant>
+    python -m pipeline.train <variant> --seed <s> --lr-multiple <label> --data data/prepared \
+        --base models/base --quantized models/quantized --adapter models/adapters/<variant>/seed<s>/lr<label> \
+        --curve reports/curves/<variant>/seed<s>-lr<label>.csv --checkpoints models/checkpoints/<variant>/seed<s>-lr<label>
 
-Reads params (those dvc.yaml declares for `train@<variant>`), the prepared data and the base
+One cell of the grid (pipeline/cells.py): `--seed` seeds the initialisation and the batch order
+(the top-level `seed` param is the data split's, not read here), and the learning rate is the
+variant's own (variants.<v>.lr, else train.lr) times `--lr-multiple`, the lr_grid value as DVC
+prints it (kept as given: it names the cell's stage and files). The stage never reads `seeds`,
+`lr_grid` or `run`, so adding a seed or a multiple trains only the new cells.
+
+Reads params (those dvc.yaml declares for `train`), the prepared data and the base
 model (and the 4-bit base for QLoRA/LoftQ); builds the variant's adapter (`variants.build`),
 trains it with the library's reference loop (every part's hooks, response-only loss) and
 writes, atomically:
 
 - the adapter folder (--adapter): the adapter (adapter_config.json + adapter.safetensors),
-  train_summary.json (trainable params, peak memory, wall time, tokens/s, ...) and
-  mlflow.json (the MLflow run that `evaluate@<variant>` completes);
+  train_summary.json (trainable params, peak memory, wall time, tokens/s, the cell's seed, lr and
+  multiple, its final and lowest validation loss, ...) and mlflow.json (the cell's MLflow run,
+  which `evaluate` completes when `select` chooses this cell);
 - the curve (--curve): per-step loss, learning rate, gradient norm, and the
-  validation loss every `train.eval_interval` steps.
+  validation loss every `train.eval_interval` steps and always at the last step (`select`
+  compares the cells on it).
+
+MLflow: one run per cell, named `<variant> seed=<s> lr=<lr>`, with variant, seed, lr and
+lr_multiple as params and as tags (the UI's "Group by").
 
 A variant whose params entry is `peft_adapter: <folder>` is imported, not trained
 (`import_peft_adapter`): the PEFT adapter is loaded onto the base (`variants.load_peft`) and
@@ -38,10 +49,12 @@ single-process on the gathered adapter.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -66,16 +79,16 @@ from variants.quant import load_quantized
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds")
 
 
-def run_fingerprint(params, vcfg, data: str, base: str, quantized: str) -> str:
-    """What a checkpoint must have been made with to be resumed: spec, budget, seed, data, base, dtype
-    and, for a distributed run, the strategy and world size (each rank's RNG state is in it)."""
+def run_fingerprint(params, vcfg, data: str, base: str, quantized: str, seed: int, factor: float) -> str:
+    """What a checkpoint must have been made with to be resumed: spec, lr, budget, the cell's seed, data,
+    base, dtype and, for a distributed run, the strategy and world size (each rank's RNG state is in it)."""
     digest = hashlib.sha256()
     train = {k: v for k, v in vars(params.train).items() if k != "distributed"}
     dist = params.train.distributed
     if dist.enabled:  # (the rendezvous endpoint may change between a killed run and its resumption)
         train["world"] = [dist.strategy, dist.world_size]
-    digest.update(json.dumps({"spec": vcfg.spec.to_dict(), "lr": vcfg.learning_rate(params.train),
-                              "train": train, "seed": params.seed, "dtype": params.model.dtype,
+    digest.update(json.dumps({"spec": vcfg.spec.to_dict(), "lr": vcfg.learning_rate(params.train, factor),
+                              "train": train, "seed": seed, "dtype": params.model.dtype,
                               "max_length": params.data.max_length}, sort_keys=True, default=str).encode())
     bases = [Path(base) / "summary.json"] + ([Path(quantized) / "summary.json"] if vcfg.spec.base != "full" else [])
     for path in sorted(Path(data).glob("*.jsonl")) + bases:
@@ -84,15 +97,58 @@ def run_fingerprint(params, vcfg, data: str, base: str, quantized: str) -> str:
     return digest.hexdigest()
 
 
+def seed_arg(text: str) -> int:
+    """--seed: a non-negative integer (argparse reports the bad value)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def lr_multiple_arg(text: str) -> str:
+    """--lr-multiple: the lr_grid value as DVC printed it; kept as given (it names the cell), checked to be a
+    positive, finite number."""
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number (a multiple of the variant's lr), "
+                                         f"got {text!r}")
+    return text
+
+
 def parse(argv: list[str] | None = None):
-    """(arguments, params as `train@<variant>` may read them); params is None after a printed error."""
-    return start("train", __doc__, argv, stage=lambda a: f"train@{a.variant}",
+    """(arguments, params as `train@<variant>-<seed>-<lr>` may read them); params is None after a printed error."""
+    return start("train", __doc__, argv, stage=stage_name,
                  positional=(("variant", {"help": "the variants.<name> entry of params.yaml"}),),
                  inputs={"--data": "the prepared data folder", "--base": "the base model folder",
                          "--quantized": "the 4-bit base folder (QLoRA, LoftQ)"},
                  outputs={"--adapter": "the adapter folder", "--curve": "the per-step curve (CSV)"},
-                 options=(("--checkpoints", {"required": True, "metavar": "PATH",
-                                             "help": "scratch folder for resumable checkpoints (not an output)"}),))
+                 options=(("--seed", {"required": True, "type": seed_arg,
+                                      "help": "the cell's training seed (initialisation, batch order)"}),
+                          ("--lr-multiple", {"required": True, "type": lr_multiple_arg, "metavar": "LABEL",
+                                             "help": "the cell's multiple of the variant's lr, as lr_grid's "
+                                                     "label (1, 0.5, 2.0, ...)"}),
+                          ("--checkpoints", {"required": True, "metavar": "PATH",
+                                             "help": "scratch folder for resumable checkpoints (not an output)"})))
+
+
+def stage_name(args) -> str:
+    """The cell's stage as DVC's matrix names it."""
+    return f"train@{args.variant}-{args.seed}-{args.lr_multiple}"
+
+
+def cell_params(name: str, seed: int, lr: float | None, multiple: str) -> dict:
+    """The cell's coordinates: MLflow params and tags alike (the UI groups runs by tags)."""
+    return {"variant": name, "seed": seed, "lr": lr, "lr_multiple": multiple}
+
+
+def tag_values(cell: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in cell.items() if v is not None}
+
+
+def run_name(name: str, seed: int, lr: float | None) -> str:
+    return f"{name} seed={seed} lr={lr:.0e}" if lr is not None else f"{name} seed={seed}"
 
 
 def train_params(train_cfg) -> dict:
@@ -113,8 +169,9 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     if vcfg.peft_adapter is not None:
         return import_peft_adapter(args, params, vcfg)
     train_cfg = params.train
+    seed, multiple = args.seed, args.lr_multiple
     configure_cpu()
-    seed_everything(params.seed)
+    seed_everything(seed)
     device = worker.device if worker is not None else pick_device(train_cfg.device)
     label = worker.label(name) if worker is not None else name
     writes = worker is None or worker.writes
@@ -128,11 +185,11 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     print(f"[{label}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
 
     settings = variants.TrainSettings(
-        steps=train_cfg.steps, lr=vcfg.learning_rate(train_cfg), weight_decay=train_cfg.weight_decay,
+        steps=train_cfg.steps, lr=vcfg.learning_rate(train_cfg, float(multiple)), weight_decay=train_cfg.weight_decay,
         warmup_steps=train_cfg.warmup_steps, schedule=train_cfg.schedule, grad_clip=train_cfg.grad_clip)
     pad_id = tokenizer.pad_token_id
     batches = ({k: v.to(device) for k, v in b.items()}
-               for b in training_batches(train_ex, train_cfg.batch_size, train_cfg.steps, params.seed, pad_id))
+               for b in training_batches(train_ex, train_cfg.batch_size, train_cfg.steps, seed, pad_id))
 
     rows: list[dict] = []
     tracker = Tracker(params.tracking.enabled and writes, params.tracking.experiment, params.tracking.uri)
@@ -141,19 +198,22 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     if train_cfg.checkpoint_interval:
         # The checkpoint also carries the curve so far and the MLflow run to continue.
         checkpoint = variants.Checkpointer(args.checkpoints, train_cfg.checkpoint_interval,
-                                           run_fingerprint(params, vcfg, args.data, args.base, args.quantized),
+                                           run_fingerprint(params, vcfg, args.data, args.base, args.quantized, seed,
+                                                           float(multiple)),
                                            get_extra=lambda: {"rows": rows, "run_id": tracker.run_id})
         previous = checkpoint.load()
         if previous is not None:
             print(f"[{label}] resuming from the checkpoint at step {previous['step']} of {train_cfg.steps}", flush=True)
             rows.extend(previous["extra"]["rows"])
     progress = Progress(label, train_cfg.steps)
-    tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer},
+    cell = cell_params(name, seed, settings.lr, multiple)
+    tracker.start(run_name=run_name(name, seed, settings.lr),
+                  tags={**standard_tags(name, "train"), **tag_values(cell), "layer": vcfg.spec.layer},
                   run_id=previous["extra"]["run_id"] if previous is not None else None)
     if previous is None:
         tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()},
-                            **train_params(train_cfg), "train.lr_used": settings.lr,
-                            "seed": params.seed, "model.source": params.model.source,
+                            **train_params(train_cfg), "train.lr_used": settings.lr, **cell,
+                            "model.source": params.model.source,
                             "data.source": params.data.source, "data.n_train": params.data.n_train})
 
     done = {"steps": previous["step"] if previous is not None else 0}
@@ -163,7 +223,8 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
         row = {"step": record.step + 1, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
                "val_loss": None, "tokens": record.tokens, "seconds": record.seconds}
         interval = train_cfg.eval_interval
-        if interval and ((record.step + 1) % interval == 0 or record.step + 1 == train_cfg.steps):
+        # always at the last step, whatever the interval: `select` compares the cells on it
+        if (interval and (record.step + 1) % interval == 0) or record.step + 1 == train_cfg.steps:
             model.eval()
             row["val_loss"] = mean_response_loss(model, val_ex, 64, pad_id, device)
             model.train()
@@ -178,7 +239,7 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
                            **({"strategy": worker.strategy} if worker is not None else {}))
     except BaseException as err:
         if worker is not None:  # every rank says where it stopped; torchrun's summary names the first to fail
-            print(f"train@{name} [rank {worker.rank}/{worker.world_size}]: stopped after {done['steps']} of "
+            print(f"{stage_name(args)} [rank {worker.rank}/{worker.world_size}]: stopped after {done['steps']} of "
                   f"{train_cfg.steps} steps: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
         tracker.end("FAILED")
@@ -209,7 +270,9 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
         "layer": vcfg.spec.layer,
         "spec": vcfg.spec.to_dict(),
         "optimizer": type(adapted.optimizer_in_use).__name__,
+        "seed": seed,
         "lr": settings.lr,
+        "lr_multiple": multiple,
         "steps": train_cfg.steps,
         "batch_size": train_cfg.batch_size,
         "trainable_params": trainable,
@@ -227,6 +290,7 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
         "tokens_per_second": tokens / step_seconds if step_seconds else 0.0,
         "final_loss": rows[-1]["loss"],
         "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r["val_loss"] is not None), None),
+        **validation_summary(rows),
         "parts": adapted.parts_summary(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -259,6 +323,12 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     return summary
 
 
+def validation_summary(rows: list[dict]) -> dict:
+    """The validation losses `select` compares: at the last step, and the lowest of the curve."""
+    losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    return {"val_loss_final": rows[-1]["val_loss"] if rows else None, "val_loss_min": min(losses) if losses else None}
+
+
 def distributed_metrics(distributed: dict) -> dict:
     """The world size and every rank's peak memory and base-weight bytes, as MLflow metrics."""
     out = {"world_size": distributed["world_size"]}
@@ -280,7 +350,7 @@ def import_peft_adapter(args, params, vcfg) -> dict:
     """
     name, folder = args.variant, Path(vcfg.peft_adapter)
     configure_cpu()
-    seed_everything(params.seed)
+    seed_everything(args.seed)
     device = pick_device(params.train.device)
     hashes = {f: file_sha256(folder / f) for f in (peft_load.CONFIG_NAME, peft_load.WEIGHTS_NAME)}
     started = time.perf_counter()
@@ -294,18 +364,22 @@ def import_peft_adapter(args, params, vcfg) -> dict:
     summary = {
         "variant": name, "label": vcfg.spec.label, "layer": vcfg.spec.layer, "spec": vcfg.spec.to_dict(),
         "imported_from": {"path": str(folder), "sha256": hashes},
-        "optimizer": "none", "lr": None, "steps": 0, "batch_size": None,
+        "optimizer": "none", "seed": args.seed, "lr": None, "lr_multiple": args.lr_multiple, "steps": 0,
+        "batch_size": None,
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
         "base_weight_bytes": adapted.base_weight_bytes(),
         # not trained here: there is no training memory to report (the report shows "imported")
         "peak_memory_bytes": None, "peak_memory_method": None, "training_memory_bytes": None,
         "train_seconds": 0.0, "wall_seconds": time.perf_counter() - started, "tokens": 0, "tokens_per_second": 0.0,
-        "final_loss": None, "final_val_loss": None, "parts": adapted.parts_summary(), "device": str(device),
+        "final_loss": None, "final_val_loss": None, "val_loss_final": None, "val_loss_min": None, "parts": adapted.parts_summary(), "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
     tracker = Tracker(params.tracking.enabled, params.tracking.experiment, params.tracking.uri)
-    tracker.start(run_name=name, tags={**standard_tags(name, "train"), "layer": vcfg.spec.layer, "imported": "true"})
-    tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()}, "imported_from": str(folder),
+    cell = cell_params(name, args.seed, None, args.lr_multiple)
+    tracker.start(run_name=run_name(name, args.seed, None),
+                  tags={**standard_tags(name, "train"), **tag_values(cell), "layer": vcfg.spec.layer, "imported": "true"})
+    tracker.log_params({**{f"spec.{k}": v for k, v in vcfg.spec.to_dict().items()}, **cell,
+                        "imported_from": str(folder),
                         **{f"sha256.{f}": h for f, h in hashes.items()}})
 
     def write_adapter(tmp: Path) -> None:
@@ -337,12 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         if dist.enabled and params.get_variant(args.variant).peft_adapter is None:
             if not launch.is_worker():  # the stage as dvc.yaml runs it: become torchrun (never returns)
                 launch.relaunch(dist, "pipeline.train", list(sys.argv[1:] if argv is None else argv),
-                                run_id=f"train-{args.variant}", label=args.variant)
+                                run_id=f"train-{args.variant}-{args.seed}-{args.lr_multiple}",
+                                label=args.variant)
             worker = launch.start_worker(dist, params.train.device)
             return launch.recorded(_worker_main)(args, params, worker)
         run(args, params)
     except (ParamsError, DataError, variants.NonFiniteLossError) as err:
-        print(f"train@{args.variant}: {err}", file=sys.stderr)
+        print(f"{stage_name(args)}: {err}", file=sys.stderr)
         return 1
     finally:
         if worker is not None:
@@ -356,7 +431,7 @@ def _worker_main(args, params, worker: launch.Worker) -> int:
     try:
         run(args, params, worker)
     except (ParamsError, DataError, variants.NonFiniteLossError) as err:
-        print(f"train@{args.variant} [rank {worker.rank}/{worker.world_size}]: {err}", file=sys.stderr, flush=True)
+        print(f"{stage_name(args)} [rank {worker.rank}/{worker.world_size}]: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.declared import stage_entry, substitute
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_cmd(stage: str, variant: str = "lora", dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
-    """The resolved `cmd:` of `stage` ("train@lora", "evaluate_base", ...) as an argument list."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    name, _, key = stage.partition("@")
-    entry = stages[name]["do"] if key else stages[name]
-    cmd = entry["cmd"].replace("${key}", key).replace("${variant}", variant)
+    """The resolved `cmd:` of `stage` ("train@lora-0-1", "select@lora", "evaluate_base", ...) as an argument list."""
+    entry, values = stage_entry(stage, yaml.safe_load(dvc_yaml.read_text())["stages"])
+    cmd = substitute(entry["cmd"], values).replace("${variant}", variant)
     assert "${" not in cmd, cmd
     return shlex.split(cmd)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,19 @@ def test_committed_params_load_into_typed_configs():
     assert vera.spec.layer == "vera" and vera.spec.r == 256 and vera.learning_rate(params.train) == 2e-2
     assert params.variants["lora"].learning_rate(params.train) == params.train.lr
     assert params.variants["lora_plus"].spec.options["loraplus_ratio"] == 16.0
+    # the default grid: every catalog entry, one seed, each method's own lr, chosen on the final validation loss
+    assert params.run == tuple(params.variants) and params.seeds == (0,)
+    assert [(p.label, p.factor) for p in params.lr_grid] == [("1", 1.0)] and params.lr_selection == "final_val_loss"
+
+
+def test_a_stage_that_builds_no_model_loads_params_without_torch():
+    code = ("import sys; from pipeline.params import load_params; p = load_params('params.yaml', adapter_specs=False); "
+            "print(p.variants['vera'].learning_rate(p.train, 0.5), p.variants['vera'].spec, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["0.01", "None", "False"], done.stdout + done.stderr
+    with pytest.raises(ParamsError, match="variants.lora.lr must be a positive number"):  # lr is still checked
+        params_from_dict(_mutate(yaml.safe_load((ROOT / "params.yaml").read_text()), "variants.lora.lr", 0),
+                         adapter_specs=False)
 
 
 def _mutate(raw, path: str, value):

@@ -143,7 +143,7 @@ STAGES = ("prepare", "base", "quantize", "train", "evaluate", "compare", "focus"
 
 
 def test_malformed_params_fail_before_any_work_with_key_and_value(tmp_path, monkeypatch, capsys):
-    from pipeline import base, compare, evaluate, focus, gguf_base, prepare, quantize, train
+    from pipeline import base, compare, evaluate, focus, gguf_base, prepare, quantize, select, train
     from pipeline.params import ParamsError, load_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -161,10 +161,11 @@ def test_malformed_params_fail_before_any_work_with_key_and_value(tmp_path, monk
     mains = {"prepare": lambda a: prepare.main(stage_argv("prepare", *a)),
              "base": lambda a: base.main(stage_argv("base", *a)),
              "quantize": lambda a: quantize.main(stage_argv("quantize", *a)),
-             "train": lambda a: train.main(stage_argv("train@lora", *a)),
-             "evaluate": lambda a: evaluate.main(stage_argv("evaluate@lora", *a)),
+             "train": lambda a: train.main(stage_argv("train@lora-0-1", *a)),
+             "evaluate": lambda a: evaluate.main(stage_argv("evaluate@lora-0", *a)),
              "compare": lambda a: compare.main(stage_argv("compare", *a)),
              "focus": lambda a: focus.main(stage_argv("focus", *a))}
+    seen_by_select = []  # select builds no model: it checks every key but the adapter specs (those need torch)
     for label, params, fragment in cases:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -175,9 +176,16 @@ def test_malformed_params_fail_before_any_work_with_key_and_value(tmp_path, monk
         assert message.count("\n") == 0, (label, message)  # one message
         for stage in STAGES:
             assert mains[stage](["--params", str(path)]) == 1, (label, stage)
+        try:
+            load_params(path, adapter_specs=False)
+        except ParamsError:
+            seen_by_select.append(label)
+        assert select.main(stage_argv("select@lora", "--params", str(path))) == 1, label  # (or: no curves)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"], (label, "a stage wrote something")
     err_text = capsys.readouterr().err
-    assert err_text.count("bad.yaml: ") == len(cases) * len(STAGES)  # every stage said why, once
+    assert err_text.count("bad.yaml: ") == len(cases) * len(STAGES) + len(seen_by_select)  # each said why, once
+    missed = [label for label, _, _ in cases if label not in seen_by_select]
+    assert missed and all(m.startswith(("variants.", "unknown key under variants.")) for m in missed), missed
 
 
 # ----- 2. data ---------------------------------------------------------------------------------------
@@ -240,9 +248,9 @@ def test_nan_loss_stops_at_once_and_fails_the_mlflow_run(workspace, monkeypatch)
     monkeypatch.setattr(train, "response_loss", poisoned)
     monkeypatch.chdir(workspace)
     with pytest.raises(variants.NonFiniteLossError, match=r"lora: loss is nan at step 2"):
-        train.run(*train.parse(stage_argv("train@lora")))
-    assert not (workspace / "models/adapters/lora").exists()
-    assert not (workspace / "reports/curves/lora.csv").exists()
+        train.run(*train.parse(stage_argv("train@lora-0-1")))
+    assert not (workspace / "models/adapters/lora/seed0/lr1").exists()
+    assert not (workspace / "reports/curves/lora/seed0-lr1.csv").exists()
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.variant = 'lora' and tags.stage = 'train'")
     assert list(runs["status"])[:1] == ["FAILED"]
@@ -251,13 +259,13 @@ def test_nan_loss_stops_at_once_and_fails_the_mlflow_run(workspace, monkeypatch)
 # ----- 4. resume after SIGKILL ---------------------------------------------------------------------
 def _train_subprocess(workspace, variant, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *stage_argv(f"train@{variant}")],
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *stage_argv(f"train@{variant}-0-1")],
                             cwd=workspace, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _adapter_tensors(workspace, variant):
-    return load_file(str(workspace / f"models/adapters/{variant}/adapter.safetensors"))
+    return load_file(str(workspace / f"models/adapters/{variant}/seed0/lr1/adapter.safetensors"))
 
 
 @pytest.mark.parametrize("variant", ["lora", "adalora", "sora", "delta_lora"])
@@ -267,11 +275,11 @@ def test_training_killed_with_sigkill_resumes_to_the_same_adapter(workspace, var
     out, _ = done.communicate(timeout=600)
     assert done.returncode == 0, out
     reference = _adapter_tensors(workspace, variant)
-    reference_curve = (workspace / f"reports/curves/{variant}.csv").read_text()
-    assert not (workspace / f"models/checkpoints/{variant}/current").exists()  # cleared when done
+    reference_curve = (workspace / f"reports/curves/{variant}/seed0-lr1.csv").read_text()
+    assert not (workspace / f"models/checkpoints/{variant}/seed0-lr1/current").exists()  # cleared when done
 
     # the same run, killed (SIGKILL) once a mid-run checkpoint exists, then started again
-    state = workspace / f"models/checkpoints/{variant}/current/state.json"
+    state = workspace / f"models/checkpoints/{variant}/seed0-lr1/current/state.json"
     proc = _train_subprocess(workspace, variant)
     deadline = time.time() + 600
     killed_after = None
@@ -297,7 +305,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_adapter(workspace, var
     max_diff = max((got[k].double() - reference[k].double()).abs().max().item() for k in got)
     assert max_diff == 0.0 and all(torch.equal(got[k], reference[k]) for k in got), max_diff
     # the curve is whole too (steps before the kill came from the checkpoint)
-    curve = (workspace / f"reports/curves/{variant}.csv").read_text().splitlines()
+    curve = (workspace / f"reports/curves/{variant}/seed0-lr1.csv").read_text().splitlines()
     assert [line.split(",")[:3] for line in curve] == [line.split(",")[:3] for line in reference_curve.splitlines()]
 
 
@@ -339,20 +347,20 @@ def test_staging_files_of_a_killed_stage_are_removed_when_it_next_starts(workspa
 
     monkeypatch.chdir(workspace)
     planted = {
-        "reports/curves/.lora.csv.tmp-k1ll3d": b"step,loss\n1,",
-        "models/adapters/.lora.tmp-k1ll3d/adapter.safetensors": b"half",
-        "models/adapters/.lora.old-k1ll3d/previous/adapter.safetensors": b"previous",
-        "models/checkpoints/lora/.current.tmp-k1ll3d/state.safetensors": b"half",
-        "models/checkpoints/lora/.previous.old-k1ll3d/state.json": b"{}",
-        "reports/curves/.dora.csv.tmp-0ther": b"another stage's: not ours to remove",
+        "reports/curves/lora/.seed0-lr1.csv.tmp-k1ll3d": b"step,loss\n1,",
+        "models/adapters/lora/seed0/.lr1.tmp-k1ll3d/adapter.safetensors": b"half",
+        "models/adapters/lora/seed0/.lr1.old-k1ll3d/previous/adapter.safetensors": b"previous",
+        "models/checkpoints/lora/seed0-lr1/.current.tmp-k1ll3d/state.safetensors": b"half",
+        "models/checkpoints/lora/seed0-lr1/.previous.old-k1ll3d/state.json": b"{}",
+        "reports/curves/lora/.seed0-lr2.csv.tmp-0ther": b"another cell's: not ours to remove",
     }
     for path, data in planted.items():
         (workspace / path).parent.mkdir(parents=True, exist_ok=True)
         (workspace / path).write_bytes(data)
-    train.run(*train.parse(stage_argv("train@lora")))
-    assert _leftovers(workspace) == ["reports/curves/.dora.csv.tmp-0ther"]
-    assert (workspace / "models/adapters/lora/adapter.safetensors").stat().st_size > 100
-    (workspace / "reports/curves/.dora.csv.tmp-0ther").unlink()
+    train.run(*train.parse(stage_argv("train@lora-0-1")))
+    assert _leftovers(workspace) == ["reports/curves/lora/.seed0-lr2.csv.tmp-0ther"]
+    assert (workspace / "models/adapters/lora/seed0/lr1/adapter.safetensors").stat().st_size > 100
+    (workspace / "reports/curves/lora/.seed0-lr2.csv.tmp-0ther").unlink()
 
 
 def test_a_folder_swap_cut_in_half_gets_its_previous_version_back(tmp_path):
@@ -367,10 +375,10 @@ def test_a_folder_swap_cut_in_half_gets_its_previous_version_back(tmp_path):
 
 
 def test_git_ignores_scratch_and_staging_files():
-    names = ["reports/curves/.lora.csv.tmp-abc123", "reports/metrics/.lora.json.tmp-abc123",
-             "models/adapters/.lora.tmp-abc123/adapter.safetensors",
-             "models/adapters/.lora.old-abc123/previous/adapter.safetensors",
-             "models/checkpoints/lora/current/state.safetensors"]
+    names = ["reports/curves/lora/.seed0-lr1.csv.tmp-abc123", "reports/metrics/lora/.seed0.json.tmp-abc123",
+             "models/adapters/lora/seed0/.lr1.tmp-abc123/adapter.safetensors",
+             "models/adapters/lora/seed0/.lr1.old-abc123/previous/adapter.safetensors",
+             "models/checkpoints/lora/seed0-lr1/current/state.safetensors"]
     done = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=ROOT, capture_output=True, text=True,
                           check=False)
     assert done.stdout.split() == names
@@ -395,20 +403,21 @@ def test_compare_stage_failure_keeps_the_previous_report(workspace, monkeypatch)
 
 # ----- 6. MLflow down --------------------------------------------------------------------------------
 def test_unreachable_mlflow_warns_once_and_the_metrics_are_still_written(workspace, monkeypatch, capsys):
-    from pipeline import evaluate, tracking, train
+    from pipeline import evaluate, select, tracking, train
 
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(tracking, "_DISABLED_REASON", None)
     started = time.time()
-    train.run(*train.parse(stage_argv("train@lora")))
-    evaluate.run(*evaluate.parse(stage_argv("evaluate@lora")))
+    train.run(*train.parse(stage_argv("train@lora-0-1")))
+    assert select.main(stage_argv("select@lora")) == 0
+    evaluate.run(*evaluate.parse(stage_argv("evaluate@lora-0")))
     err = capsys.readouterr().err
     assert err.count("WARNING: MLflow tracking is off") == 1, err
     assert time.time() - started < 120
-    metrics = json.loads((workspace / "reports/metrics/lora.json").read_text())
+    metrics = json.loads((workspace / "reports/metrics/lora/seed0.json").read_text())
     assert metrics["variant"] == "lora" and metrics["eval_loss"] > 0
-    assert json.loads((workspace / "models/adapters/lora/mlflow.json").read_text())["run_id"] is None
+    assert json.loads((workspace / "models/adapters/lora/seed0/lr1/mlflow.json").read_text())["run_id"] is None
 
 
 # ----- 8. safety -------------------------------------------------------------------------------------

@@ -61,8 +61,10 @@ def metrics(*rows: dict) -> pd.DataFrame:
 def comparison() -> pd.DataFrame:
     df = metrics(metrics_row("base", layer="none", trainable_params=0, trainable_percent=0.0,
                              adapter_bytes=0, steps=0, train_seconds=0.0), metrics_row("lora"))
-    return df.assign(memory_label=["lowest", "low"], quality_label=["baseline", "comparable"],
-                     per_delta_vs_lora=[0.58, 0.0])
+    return df.assign(seeds=[None, 3], lr_multiple=[None, "1"], lr=[None, 2e-3], error_rate=[1.3, 0.53],
+                     error_low=[1.2, 0.49], error_high=[1.4, 0.57], delta_vs_lora=[None, 0.0], delta_low=[None, -0.01],
+                     delta_high=[None, 0.01], p_holm=[None, 1.0], memory_label=["not_compared", "low"],
+                     quality_label=["not_compared", "comparable"])
 
 
 def failure(df: pd.DataFrame, validate=validate_prepared) -> str:
@@ -235,14 +237,14 @@ def test_bad_labels_fail():
     df.loc[0, "quality_label"] = "best"
     msg = failure(df, validate_comparison)
     assert msg.startswith("comparison table failed validation:\n")
-    assert line_for(msg, "memory_label", "isin(['lowest', 'low', 'medium', 'high', 'imported'])").endswith("rows [1]: ['tiny']")
-    assert line_for(msg, "quality_label", "isin(['better', 'comparable', 'worse', 'baseline'])").endswith(
+    assert line_for(msg, "memory_label", "isin(['lowest', 'low', 'medium', 'high', 'imported', 'not_compared'])").endswith("rows [1]: ['tiny']")
+    assert line_for(msg, "quality_label", "isin(['better', 'comparable', 'worse', 'baseline', 'no_reference', 'not_compared'])").endswith(
         "rows [0]: ['best']"
     )
 
 
 def test_comparison_allows_null_delta_but_requires_labels():
-    validate_comparison(comparison().assign(per_delta_vs_lora=[None, None]))
+    validate_comparison(comparison().assign(delta_vs_lora=[None, None], p_holm=[None, None]))
     msg = failure(comparison().drop(columns="quality_label"), validate_comparison)
     assert "column 'quality_label' check 'column_in_dataframe' failed" in msg
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,11 +42,11 @@ def test_our_declarations_are_the_ones_dvc_resolves(dvc_stages):
 
 
 def test_a_read_of_an_undeclared_key_is_refused_naming_key_and_stage():
-    stage = restrict(load_params(ROOT / "params.yaml"), "train@lora")
+    stage = restrict(load_params(ROOT / "params.yaml"), "train@lora-0-1")
     assert stage.data.max_length == 64 and stage.model.dtype == "float32" and stage.get_variant("lora").spec.r == 8
     for read in (lambda p: p.eval, lambda p: p.data.template, lambda p: vars(p.data), lambda p: list(p.variants),
                  lambda p: p.variants["vera"], lambda p: p.variant):
-        with pytest.raises(UndeclaredParamError, match=r"stage train@lora reads params.yaml key '[a-z_.*]+'"):
+        with pytest.raises(UndeclaredParamError, match=r"stage train@lora-0-1 reads params.yaml key '[a-z_.*]+'"):
             read(stage)
     assert stage.reads == {"data.max_length", "model", "variants.lora"}
 
@@ -53,7 +54,7 @@ def test_a_read_of_an_undeclared_key_is_refused_naming_key_and_stage():
 def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch):
     """Runs every stage script on a tiny model with its dvc.yaml command line; a read of an
     undeclared key fails the stage, and a declared key that no stage code reads fails here."""
-    from pipeline import base, compare, declared, evaluate, focus, prepare, quantize, stage, train
+    from pipeline import base, compare, declared, evaluate, focus, prepare, quantize, select, stage, train
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = small_pipeline_params(raw, save_tiny_model(tmp_path / "tiny-model"), {"lora": {"r": 2}}, steps=2,
@@ -74,8 +75,9 @@ def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch)
         return seen[name]
 
     monkeypatch.setattr(stage, "restrict", recording)
-    runs = [(prepare, "prepare"), (base, "base"), (quantize, "quantize"), (train, "train@lora"),
-            (evaluate, "evaluate@lora"), (evaluate, "evaluate_base"), (compare, "compare"), (focus, "focus")]
+    runs = [(prepare, "prepare"), (base, "base"), (quantize, "quantize"), (train, "train@lora-0-1"),
+            (select, "select@lora"), (evaluate, "evaluate@lora-0"), (evaluate, "evaluate_base"), (compare, "compare"),
+            (focus, "focus")]
     for module, name in runs:
         assert module.main(stage_argv(name)) == 0, name
     assert sorted(seen) == sorted(name for _, name in runs)
@@ -111,7 +113,8 @@ def test_the_baseline_row_name_is_the_one_compare_expects(dvc_stages):
 def test_no_stage_module_imports_another_stage():
     modules = {shlex.split(s["cmd"] if "cmd" in s else s["do"]["cmd"])[2]
                for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()}
-    assert modules == {f"pipeline.{m}" for m in ("prepare", "base", "quantize", "train", "evaluate", "compare", "focus")}
+    assert modules == {f"pipeline.{m}" for m in ("prepare", "base", "quantize", "train", "select", "evaluate", "compare",
+                                                      "focus")}
     for module in modules:
         path = ROOT / (module.replace(".", "/") + ".py")
         for node in ast.walk(ast.parse(path.read_text())):
@@ -122,3 +125,64 @@ def test_no_stage_module_imports_another_stage():
             else:
                 continue
             assert not (imported & (modules - {module})), (module, imported & modules)
+
+
+def test_matrix_and_foreach_stage_names_resolve_their_params():
+    assert declared_params("train@vera-3-0.5")[-1] == "variants.vera"
+    assert declared_params("train@lora-0-1e-05")[-1] == "variants.lora"  # only the last value may hold a '-'
+    assert "variants.dora" in declared_params("select@dora") and "lr_selection" in declared_params("select@dora")
+    assert "seed" in declared_params("evaluate@lora-2")
+    assert stage_argv("train@vera-3-0.5")[:5] == ["vera", "--seed", "3", "--lr-multiple", "0.5"]
+    assert "models/adapters/vera/seed3/lr0.5" in stage_argv("train@vera-3-0.5")
+    assert "models/adapters/lora/seed2" in stage_argv("evaluate@lora-2")
+
+
+@pytest.mark.parametrize("stage, fragment", [
+    ("train@lora", "stage 'train' is a matrix stage; name it as train@<variant>-<seed>-<lr>, got 'train@lora'"),
+    ("train@lora-0", "name it as train@<variant>-<seed>-<lr>, got 'train@lora-0'"),
+    ("train@lora--1", "got 'train@lora--1'"),
+    ("train", "name it as train@<variant>-<seed>-<lr>, got 'train'"),
+    ("evaluate@lora", "name it as evaluate@<variant>-<seed>, got 'evaluate@lora'"),
+    ("select", "stage 'select' is a foreach stage; name it as select@<key>, got 'select'"),
+    ("compare@lora", "stage 'compare' is neither a foreach nor a matrix stage, got 'compare@lora'"),
+    ("trian@lora-0-1", "has no stage 'trian'"),
+])
+def test_a_malformed_stage_name_is_refused_naming_the_form(stage, fragment):
+    with pytest.raises(UndeclaredParamError) as err:
+        declared_params(stage)
+    assert fragment in str(err.value)
+
+
+def test_a_foreach_over_a_mapping_keeps_its_key(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fit": {
+        "foreach": {"a": 1}, "do": {"cmd": "python -m x ${key}", "params": ["variants.${key}", "train"]}}}}))
+    assert declared_params("fit@lora", tmp_path / "dvc.yaml") == ("variants.lora", "train")
+
+
+def test_dvc_names_the_grid_cells_as_cells_and_lr_label_do(tmp_path):
+    """DVC's own matrix expansion (YAML 1.2 numbers, its printing of floats) gives the stage names and
+    command-line labels that pipeline/cells.py and params.lr_label predict, for every kind of lr_grid value."""
+    from dvc.repo import Repo
+
+    from pipeline.cells import cells
+    from pipeline.params import params_from_dict
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    grid_text = "[0.5, 1, 2.0, 1e-3, 3e-05]"  # as a user writes it (PyYAML reads 1e-3 as a string)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace(
+        "lr_grid: [1]", f"lr_grid: {grid_text}").replace("seeds: [0]", "seeds: [0, 7]"))
+    params = params_from_dict(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    assert [p.label for p in params.lr_grid] == ["0.5", "1", "2.0", "0.001", "3e-05"]
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        stages = {stage.name: stage for stage in repo.index.stages}
+    expected = {c.stage for v in raw["run"] for c in cells(v, params.seeds, params.lr_grid)}
+    assert {name for name in stages if name.startswith("train@")} == expected
+    for cell in cells("lora", params.seeds, params.lr_grid):
+        words = shlex.split(stages[cell.stage].cmd)
+        assert words[words.index("--lr-multiple") + 1] == cell.lr.label
+        assert f"models/adapters/lora/{cell.adapter}" in words and f"reports/curves/lora/{cell.curve}" in words
+        assert declared_params(cell.stage, tmp_path / "dvc.yaml")[-1] == "variants.lora"
+    assert {name for name in stages if name.startswith("evaluate@")} == {
+        f"evaluate@{v}-{s}" for v in raw["run"] for s in (0, 7)}

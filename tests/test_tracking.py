@@ -1,7 +1,7 @@
 """MLflow as a user sees it: the stages against a real sqlite store, one run per stage.
 
-The train stage's run holds the params, curves and (after evaluation) the quality metrics; the
-evaluate stage's run is its child; each run starts when its stage started and ends when it
+Each grid cell's train stage has a run (params, curves; and, for the cell that select chose, the
+test metrics after evaluation); the evaluate stage's run is the chosen cell's child; each run starts when its stage started and ends when it
 ended (a stage's start is its process's start).
 """
 
@@ -28,6 +28,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("track")
     params = small_pipeline_params(yaml.safe_load((ROOT / "params.yaml").read_text()), root / "models" / "base",
                                    {"lora": {"preset": "lora", "r": 4, "alpha": 8}}, steps=4, checkpoint_interval=0)
+    params["lr_grid"] = [0.5, 1]  # two cells of one seed: only the chosen one is evaluated
     return prepared_workspace(root, params)
 
 
@@ -43,41 +44,62 @@ def _stage(monkeypatch, run):
 
 @pytest.fixture(scope="module")
 def tracked(workspace):
-    """train@lora then evaluate@lora, each timed; the MLflow client on the workspace's store."""
+    """train@lora-0-0.5, train@lora-0-1, select@lora, then evaluate@lora-0, each timed; the MLflow client on the
+    workspace's store."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import evaluate, train
+    from pipeline import evaluate, select, train
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workspace)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        train_span = _stage(mp, lambda: train.run(*train.parse(stage_argv("train@lora"))))
-        time.sleep(0.05)  # the two stages never share a millisecond
-        eval_span = _stage(mp, lambda: evaluate.run(*evaluate.parse(stage_argv("evaluate@lora"))))
+        _stage(mp, lambda: train.run(*train.parse(stage_argv("train@lora-0-0.5"))))
+        time.sleep(0.05)
+        train_span = _stage(mp, lambda: train.run(*train.parse(stage_argv("train@lora-0-1"))))
+        assert select.main(stage_argv("select@lora")) == 0
+        chosen = json.loads((workspace / "reports/selection/lora.json").read_text())["lr_multiple"]
+        time.sleep(0.05)  # the stages never share a millisecond
+        eval_span = _stage(mp, lambda: evaluate.run(*evaluate.parse(stage_argv("evaluate@lora-0"))))
         exported = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID") if k in os.environ}
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lora-variants").experiment_id])
     return {"client": client, "runs": runs, "train": train_span, "evaluate": eval_span,
-            "workspace": workspace, "exported": exported}
+            "workspace": workspace, "exported": exported, "chosen": chosen}
 
 
-def _by_stage(runs, stage):
-    found = [r for r in runs if r.data.tags.get("stage") == stage]
+def _by_stage(runs, stage, lr_multiple=None):
+    found = [r for r in runs if r.data.tags.get("stage") == stage
+             and (lr_multiple is None or r.data.tags.get("lr_multiple") == lr_multiple)]
     assert len(found) == 1, [(r.info.run_name, r.data.tags.get("stage")) for r in runs]
     return found[0]
 
 
-def test_each_stage_has_its_own_run_the_evaluation_nested_under_the_training(tracked):
-    runs = tracked["runs"]
-    assert len(runs) == 2
-    trained, evaluated = _by_stage(runs, "train"), _by_stage(runs, "evaluate")
-    assert trained.info.run_name == "lora" and evaluated.info.run_name == "lora evaluate"
+def test_each_stage_has_its_own_run_the_evaluation_nested_under_the_chosen_cell(tracked):
+    runs, chosen = tracked["runs"], tracked["chosen"]
+    assert len(runs) == 3
+    trained, evaluated = _by_stage(runs, "train", chosen), _by_stage(runs, "evaluate")
+    lr = {"0.5": 1e-3, "1": 2e-3}[chosen]
+    assert trained.info.run_name == f"lora seed=0 lr={lr:.0e}" and evaluated.info.run_name == "lora seed=0 evaluate"
     assert evaluated.data.tags["mlflow.parentRunId"] == trained.info.run_id
     assert "mlflow.parentRunId" not in trained.data.tags
     assert {trained.data.tags["variant"], evaluated.data.tags["variant"]} == {"lora"}
     assert trained.info.status == evaluated.info.status == "FINISHED"
-    run_id = json.loads((tracked["workspace"] / "models/adapters/lora/mlflow.json").read_text())["run_id"]
-    assert run_id == trained.info.run_id
+    run_id = json.loads((tracked["workspace"] / f"models/adapters/lora/seed0/lr{chosen}/mlflow.json").read_text())
+    assert run_id["run_id"] == trained.info.run_id
+
+
+def test_every_cell_has_a_run_with_its_coordinates_as_params_and_tags(tracked):
+    """variant, seed, lr and lr_multiple as params and as tags: the UI's "Group by" groups on either."""
+    cells = [r for r in tracked["runs"] if r.data.tags.get("stage") == "train"]
+    got = sorted((r.data.tags["lr_multiple"], r.data.tags["lr"], r.data.tags["seed"], r.data.tags["variant"])
+                 for r in cells)
+    assert got == [("0.5", "0.001", "0", "lora"), ("1", "0.002", "0", "lora")]
+    for run in cells:
+        assert {k: run.data.params[k] for k in ("variant", "seed", "lr", "lr_multiple")} == {
+            k: run.data.tags[k] for k in ("variant", "seed", "lr", "lr_multiple")}
+    # only the chosen cell was tested: the other has no test metrics
+    other = _by_stage(tracked["runs"], "train", {"0.5": "1", "1": "0.5"}[tracked["chosen"]])
+    assert "phoneme_error_rate" not in other.data.metrics and "eval_loss" not in other.data.metrics
 
 
 def test_the_stages_leave_no_process_wide_mlflow_state(tracked):
@@ -86,7 +108,7 @@ def test_the_stages_leave_no_process_wide_mlflow_state(tracked):
 
 
 def test_each_run_starts_and_ends_with_its_stage(tracked):
-    trained, evaluated = _by_stage(tracked["runs"], "train"), _by_stage(tracked["runs"], "evaluate")
+    trained, evaluated = _by_stage(tracked["runs"], "train", "1"), _by_stage(tracked["runs"], "evaluate")
     for run, (started, ended) in ((trained, tracked["train"]), (evaluated, tracked["evaluate"])):
         assert run.info.start_time == int(started * 1000)
         assert int(started * 1000) <= run.info.end_time <= int(ended * 1000) + 1
@@ -96,10 +118,11 @@ def test_each_run_starts_and_ends_with_its_stage(tracked):
 
 def test_the_training_run_shows_params_curves_and_the_variants_final_quality(tracked):
     client = tracked["client"]
-    trained, evaluated = _by_stage(tracked["runs"], "train"), _by_stage(tracked["runs"], "evaluate")
+    trained = _by_stage(tracked["runs"], "train", tracked["chosen"])
+    evaluated = _by_stage(tracked["runs"], "evaluate")
     assert trained.data.params["spec.r"] == "4" and trained.data.params["train.steps"] == "4"
     assert [m.step for m in client.get_metric_history(trained.info.run_id, "loss")] == [1, 2, 3, 4]
-    metrics = json.loads((tracked["workspace"] / "reports/metrics/lora.json").read_text())
+    metrics = json.loads((tracked["workspace"] / "reports/metrics/lora/seed0.json").read_text())
     for key in ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params"):
         assert trained.data.metrics[key] == pytest.approx(metrics[key]), key
     assert trained.data.metrics["train_seconds"] > 0
@@ -109,6 +132,7 @@ def test_the_training_run_shows_params_curves_and_the_variants_final_quality(tra
     assert evaluated.data.metrics["n_test"] == 8
     assert not set(evaluated.data.metrics) & set(trained.data.metrics)
     assert not evaluated.data.params  # the evaluation's inputs are its parent's
+    assert (metrics["seed"], metrics["lr_multiple"]) == (0, tracked["chosen"])
     train_files = {f.path for f in client.list_artifacts(trained.info.run_id, "adapter")}
     assert "adapter/adapter.safetensors" in train_files
     assert [f.path for f in client.list_artifacts(evaluated.info.run_id)] == ["predictions"]
@@ -162,8 +186,10 @@ def test_an_unreachable_store_is_reported_once_through_the_worker(capsys):
         tracking._DISABLED_REASON = None
 
 
-@pytest.mark.parametrize("stage, module, preloads", [("train@lora", "train", True), ("evaluate@lora", "evaluate", True),
-                                                     ("evaluate_base", "evaluate", False)])
+@pytest.mark.parametrize("stage, module, preloads", [("train@lora-0-1", "train", True),
+                                                     ("evaluate@lora-0", "evaluate", True),
+                                                     ("evaluate_base", "evaluate", False),
+                                                     ("select@lora", "select", False)])
 def test_a_stage_that_tracks_starts_the_mlflow_worker_when_it_starts(workspace, tmp_path, stage, module, preloads):
     # started by stage.start, before the model loads; evaluate_base has no run, so no worker
     code = (f"import sys; from pipeline import {module} as m, tracking; from stage_cmds import stage_argv; "

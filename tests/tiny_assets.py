@@ -48,6 +48,7 @@ def small_pipeline_params(root_params: dict, model_dir: Path, variants: dict, **
     params["eval"].update(batch_size=8, max_new_tokens=8)
     params["variants"] = {name: {**params["variants"].get(name, {}), **extra} for name, extra in variants.items()}
     params["variant"] = next(iter(variants))
+    params["run"] = list(variants)  # the grid spans exactly these (params.yaml's run lists the whole catalog)
     return params
 
 
