@@ -57,6 +57,10 @@ BASELINE = "base"  # the base model's row: the name dvc.yaml's evaluate_base sta
 REFERENCE = "lora"  # every quality and memory judgement is relative to plain LoRA
 TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
 CRITERION_COLUMN = {"final_val_loss": "val_loss_final", "min_val_loss": "val_loss_min"}
+# the measurements a variant's row averages over seeds (counts and bytes rounded back to integers)
+MEASURED = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params", "trainable_percent", "adapter_bytes",
+            "base_weight_bytes", "peak_memory_bytes", "training_memory_bytes", "train_seconds", "tokens_per_second",
+            "steps")
 INT_COLUMNS = ("trainable_params", "adapter_bytes", "base_weight_bytes", "peak_memory_bytes", "training_memory_bytes",
                "steps")
 
@@ -67,7 +71,7 @@ class Method:
 
     name: str
     lr_multiple: str
-    lr: float
+    lr: float | None                 # None: an imported adapter
     seeds: tuple[int, ...]
     rows: list[dict]                 # the test metrics of each seed
     predictions: list[list[dict]]    # the test predictions of each seed
@@ -93,7 +97,7 @@ class Inputs:
 
 def mean_row(rows: list[dict]) -> dict:
     out = dict(rows[0])
-    for key in METRIC_COLUMNS:
+    for key in MEASURED:
         values = [r.get(key) for r in rows]
         if any(v is None for v in values) or not all(isinstance(v, (int, float)) for v in values):
             continue
@@ -121,18 +125,25 @@ def _read_jsonl(path: Path, stage: str) -> list[dict]:
 
 
 def chosen_multiple(params, variant: str, selection_dir: str):
-    """The lr_grid point select@<variant> chose; a DataError when its file is missing or names another grid."""
+    """(the lr_grid point select@<variant> chose, its lr); a DataError when the file is missing or names
+    another grid. The lr comes from the file (select declares train.lr and the variant's lr; compare need not)."""
     chosen = _read_json(Path(selection_dir) / f"{variant}.json", f"select@{variant}")
     if chosen.get("variant") != variant:
         raise DataError(f"{selection_dir}/{variant}.json is the selection of {chosen.get('variant')!r}, not {variant!r}")
     try:
-        return find_point(params.lr_grid, str(chosen.get("lr_multiple")))
+        point = find_point(params.lr_grid, str(chosen.get("lr_multiple")))
     except ValueError as err:
         raise DataError(f"{selection_dir}/{variant}.json: {err}; run `dvc repro select@{variant}`") from None
+    lr = chosen.get("lr")
+    imported = params.variants[variant].peft_adapter is not None  # trained elsewhere: no lr of ours
+    if not (imported and lr is None) and (not R.is_finite(lr) or lr <= 0):
+        raise DataError(f"{selection_dir}/{variant}.json: lr must be a positive number, got {lr!r}; "
+                        f"run `dvc repro select@{variant}`")
+    return point, None if lr is None else float(lr)
 
 
 def load_method(params, args, name: str) -> Method:
-    point = chosen_multiple(params, name, args.selection)
+    point, lr = chosen_multiple(params, name, args.selection)
     imported = params.variants[name].peft_adapter is not None
     rows, preds, summaries, curve = [], [], [], None
     for seed in params.seeds:
@@ -151,8 +162,7 @@ def load_method(params, args, name: str) -> Method:
             if not path.is_file():
                 raise DataError(f"{path} is missing: run `dvc repro {cell.stage}` first")
             curve = pd.read_csv(path)
-    return Method(name, point.label, params.variants[name].learning_rate(params.train, point.factor),
-                  tuple(params.seeds), rows, preds, summaries, curve, imported)
+    return Method(name, point.label, lr, tuple(params.seeds), rows, preds, summaries, curve, imported)
 
 
 def load_sensitivity(params, args, name: str, chosen: str) -> dict:
@@ -173,7 +183,7 @@ def load_sensitivity(params, args, name: str, chosen: str) -> dict:
         if cell_rows.empty:
             raise DataError(f"{path} has no row for lr multiple {point.label}: run `dvc repro select@{name}`")
         points.append({"label": point.label, "factor": point.factor,
-                       "lr": params.variants[name].learning_rate(params.train, point.factor),
+                       "lr": float(cell_rows["lr"].iloc[0]),
                        "mean": float(cell_rows[column].mean()),
                        "per_seed": [float(v) for v in cell_rows[column]]})
     return {"points": points, "chosen": chosen}
@@ -448,6 +458,7 @@ def comparison_table(ctx: dict) -> pd.DataFrame:
         is_base = e["name"] == BASELINE
         delta = None if is_base else e["delta"]
         records.append({**e["metrics"], "variant": e["name"],
+                        "seed": None,  # a mean over seeds (where the metrics carry their cell's seed)
                         "seeds": None if is_base else e["seeds"],
                         "lr_multiple": None if is_base else e["lr_multiple"], "lr": None if is_base else e["lr"],
                         "error_rate": e["error"]["value"], "error_low": e["error"]["low"],

@@ -152,8 +152,9 @@ def quality(predictions: dict[str, list[list[dict]]], g2p: bool, reference: str 
         else:
             labels[name] = "comparable"
     detectable = None
-    if deltas:
-        found = [stats.detectable_difference(d.se, len(deltas), ALPHA, POWER) for d in deltas.values()]
+    # (a method whose every prediction equals the reference's has SE 0: it says nothing about the run's resolution)
+    found = [stats.detectable_difference(d.se, len(deltas), ALPHA, POWER) for d in deltas.values() if d.se > 0]
+    if found:
         detectable = (float(np.median(found)), min(found), max(found))
     return Quality(estimates, deltas, adjusted, labels, ref, seeds.pop(), detectable)
 

@@ -181,9 +181,10 @@ class ComparisonTable(VariantMetrics):
     quality_label: Series[str] = pa.Field(isin=list(QUALITY_LABELS))
 
 
-COMPARISON_COLUMNS = METRIC_COLUMNS + ("seeds", "lr_multiple", "lr", "error_rate", "error_low", "error_high",
-                                       "delta_vs_lora", "delta_low", "delta_high", "p_holm", "memory_label",
-                                       "quality_label")
+_COMPARISON_EXTRA = ("seeds", "lr_multiple", "lr", "error_rate", "error_low", "error_high", "delta_vs_lora",
+                     "delta_low", "delta_high", "p_holm", "memory_label", "quality_label")
+# (a metrics row may already carry its cell's lr_multiple: each column is listed once, in the metrics' place)
+COMPARISON_COLUMNS = METRIC_COLUMNS + tuple(c for c in _COMPARISON_EXTRA if c not in METRIC_COLUMNS)
 
 
 class ValidationTable(pa.DataFrameModel):

@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-def grid_params(names, seeds=(0,), lr_grid=(1,), **top) -> object:
-    """The repository's params.yaml with `run`, `seeds` and `lr_grid` set (catalog entries: the repository's)."""
+def grid_params(names, seeds=(0,), lr_grid=(1,), entries: dict | None = None, **top) -> object:
+    """The repository's params.yaml with `run`, `seeds` and `lr_grid` set (catalog entries: the repository's,
+    plus `entries`); keyword `section__field=value` sets one field."""
     raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw["variants"].update(entries or {})
     raw.update(run=list(names), seeds=list(seeds), lr_grid=list(lr_grid), variant=names[0])
     raw["tracking"] = {**raw.get("tracking", {}), "enabled": False}
     for key, value in top.items():

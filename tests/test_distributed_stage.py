@@ -223,7 +223,7 @@ class Workspace:
                                  nnodes=nnodes, backend=BACKEND, rdzv_endpoint=f"127.0.0.1:{_free_port()}")
 
     def argv(self, params_file: str, out: str) -> list[str]:
-        return stage_argv("train@lora", "--params", params_file, "--adapter", f"models/adapters/{out}",
+        return stage_argv("train@lora-0-1", "--params", params_file, "--adapter", f"models/adapters/{out}",
                           "--curve", f"reports/curves/{out}.csv", "--checkpoints", f"models/checkpoints/{out}")
 
     def stage(self, params_file: str, out: str, fault: str | None = None, nodes: int = 1) -> dict:
@@ -377,9 +377,9 @@ def test_a_failing_rank_stops_every_rank_promptly_and_nothing_is_written(ws, kin
     run = ws.stage(ws.distributed("ddp"), f"fault-{kind}", fault=f"1:3:{kind}")
     text = run["out"] + run["err"]
     assert run["rc"] != 0 and run["fault_at"] is not None, text[-3000:]
-    assert f"train@lora [rank 1/2]: stopped after 2 of {STEPS} steps: {message}" in run["err"], text[-3000:]
+    assert f"train@lora-0-1 [rank 1/2]: stopped after 2 of {STEPS} steps: {message}" in run["err"], text[-3000:]
     if kind == "nan":  # the loss is global: every rank sees the NaN at the same step
-        assert f"train@lora [rank 0/2]: stopped after 2 of {STEPS} steps: {message}" in run["err"]
+        assert f"train@lora-0-1 [rank 0/2]: stopped after 2 of {STEPS} steps: {message}" in run["err"]
     else:  # rank 0 waited in a collective: torchrun tore the group down, naming the failed rank
         assert "rank: 1" in run["err"] and "injected fault" in run["err"]
     assert run["ended"] - run["fault_at"] < 30, run["ended"] - run["fault_at"]

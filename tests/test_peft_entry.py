@@ -58,12 +58,13 @@ def workspace(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        from pipeline import evaluate, prepare, train
+        from pipeline import evaluate, prepare, select, train
 
         assert prepare.main(stage_argv("prepare")) == 0
         for name in ("lora", "mine"):
-            assert train.main(stage_argv(f"train@{name}")) == 0, name
-            assert evaluate.main(stage_argv(f"evaluate@{name}")) == 0, name
+            assert train.main(stage_argv(f"train@{name}-0-1")) == 0, name
+            assert select.main(stage_argv(f"select@{name}")) == 0, name
+            assert evaluate.main(stage_argv(f"evaluate@{name}-0")) == 0, name
         assert evaluate.main(stage_argv("evaluate_base")) == 0
     finally:
         os.chdir(cwd)
@@ -80,7 +81,7 @@ def test_the_imported_adapter_evaluates_as_pefts_own_model(workspace):
 
     base = workspace / "models" / "base"
     model, tokenizer = load_base(str(base), "float32", False)
-    ours = variants.load(model, workspace / "models" / "adapters" / "mine")  # what evaluate@mine loads
+    ours = variants.load(model, workspace / "models/adapters/mine/seed0/lr1")  # what evaluate@mine-0 loads
     oracle = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), workspace / "elsewhere" / "mine").eval()
     ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -91,14 +92,14 @@ def test_the_imported_adapter_evaluates_as_pefts_own_model(workspace):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
     # and the stage's own number: the eval loss it wrote is PEFT's model's eval loss on the test split
-    metrics = json.loads((workspace / "reports" / "metrics" / "mine.json").read_text())
+    metrics = json.loads((workspace / "reports/metrics/mine/seed0.json").read_text())
     test = encode_records(tokenizer, read_split(str(workspace / "data" / "prepared"), "test"), 32)
     peft_loss = mean_response_loss(oracle, test, 8, tokenizer.pad_token_id, torch.device("cpu"))
     assert metrics["eval_loss"] == pytest.approx(peft_loss, rel=1e-5)
 
 
 def test_the_train_stage_imports_records_the_source_and_trains_nothing(workspace):
-    adapter = workspace / "models" / "adapters" / "mine"
+    adapter = workspace / "models/adapters/mine/seed0/lr1"
     summary = json.loads((adapter / "train_summary.json").read_text())
     source = workspace / "elsewhere" / "mine"
     assert summary["imported_from"] == {"path": "elsewhere/mine", "sha256": {
@@ -109,11 +110,15 @@ def test_the_train_stage_imports_records_the_source_and_trains_nothing(workspace
     # LoRA r=4 on q_proj (32->32), v_proj (32->16: 2 kv heads of 8), down_proj (48->32) in 2 layers
     assert summary["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16) + (48 + 32))
     assert summary["spec"]["r"] == 4 and summary["spec"]["alpha"] == 8
-    with open(workspace / "reports" / "curves" / "mine.csv", newline="") as handle:
+    with open(workspace / "reports/curves/mine/seed0-lr1.csv", newline="") as handle:
         assert list(csv.reader(handle)) == [["step", "loss", "lr", "grad_norm", "val_loss", "tokens", "seconds"]]
+    # nothing was validated: select keeps the multiple nearest 1, with no lr (the adapter was not trained here)
+    selection = json.loads((workspace / "reports/selection/mine.json").read_text())
+    assert (selection["lr_multiple"], selection["lr"]) == ("1", None)
+    assert (summary["seed"], summary["lr_multiple"], summary["val_loss_final"]) == (0, "1", None)
     assert json.loads((adapter / "mlflow.json").read_text())["run_id"] is None  # tracking is off here
 
-    metrics = json.loads((workspace / "reports" / "metrics" / "mine.json").read_text())
+    metrics = json.loads((workspace / "reports/metrics/mine/seed0.json").read_text())
     validate_metrics(pd.DataFrame([{k: metrics[k] for k in METRIC_COLUMNS}], columns=list(METRIC_COLUMNS)))
     assert metrics["trainable_params"] == summary["trainable_params"] and metrics["steps"] == 0
     assert metrics["training_memory_bytes"] is None and metrics["phoneme_error_rate"] is not None
@@ -137,7 +142,7 @@ def test_compare_shows_the_imported_row_with_its_quality_and_no_training_numbers
     zh = (workspace / "reports" / "comparison.zh.md").read_text()
     (row,) = [line for line in md.splitlines() if line.startswith("| mine |") and "%" in line]  # section 2
     assert row.endswith("| imported | imported | imported | imported | imported |")
-    assert f"{json.loads((workspace / 'reports/metrics/mine.json').read_text())['phoneme_error_rate']:.3f}" in row
+    assert f"{json.loads((workspace / 'reports/metrics/mine/seed0.json').read_text())['phoneme_error_rate']:.3f}" in row
     (row_zh,) = [line for line in zh.splitlines() if line.startswith("| mine |") and "%" in line]
     assert row_zh.endswith("| 导入 | 导入 | 导入 | 导入 | 导入 |")
     (t1,) = [line for line in md.splitlines() if line.startswith("| mine |") and "%" not in line]
@@ -151,12 +156,14 @@ def test_compare_shows_the_imported_row_with_its_quality_and_no_training_numbers
 def base_params(tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["variants"] = {"lora": raw["variants"]["lora"]}
+    raw["run"] = ["lora"]
     return raw
 
 
 def _with(raw, entry):
     raw = copy.deepcopy(raw)
     raw["variants"]["mine"] = entry
+    raw["run"] = ["lora", "mine"]
     return raw
 
 
@@ -224,11 +231,12 @@ def test_an_adapter_for_another_model_fails_the_train_stage_naming_the_entry_and
     other.save_pretrained(tmp_path / "other")
     raw = yaml.safe_load((workspace / "params.yaml").read_text())
     raw["variants"] = {"lora": raw["variants"]["lora"], "other": {"peft_adapter": str(tmp_path / "other")}}
+    raw["run"] = ["lora", "other"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "base").symlink_to(workspace / "models" / "base")
     monkeypatch.chdir(tmp_path)
-    assert train.main(stage_argv("train@other")) == 1
+    assert train.main(stage_argv("train@other-0-1")) == 1
     err = capsys.readouterr().err
     assert f"variants.other.peft_adapter ('{tmp_path / 'other'}')" in err and "shape" in err
     assert not (tmp_path / "models" / "adapters").exists() and not (tmp_path / "reports").exists()
