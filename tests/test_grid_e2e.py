@@ -167,15 +167,36 @@ def test_the_report_carries_intervals_over_seeds_chosen_lrs_and_adjusted_p(grid)
     from pipeline.schemas import validate_comparison
 
     path = grid["path"]
-    table = validate_comparison(pd.read_csv(path / "reports/comparison.csv"))
-    assert set(RUN) <= set(table["variant"]) and "dora" not in set(table["variant"])
+    table = validate_comparison(pd.read_csv(path / "reports/comparison.csv", dtype={"lr_multiple": str}))
+    assert list(table["variant"]) == [*RUN, "base"]  # dora is in the catalog, not in `run`
+    rows = table.set_index("variant")
+    per_seed = {v: [json.loads((path / f"reports/metrics/{v}/seed{s}.json").read_text()) for s in SEEDS] for v in RUN}
+    for variant in RUN:
+        row = rows.loc[variant]
+        chosen = _selection(path, variant)
+        assert (row["seeds"], row["lr_multiple"]) == (len(SEEDS), chosen["lr_multiple"])
+        assert math.isclose(row["lr"], chosen["lr"], rel_tol=1e-9)
+        # the mean over seeds, inside its own 95% interval
+        mean = sum(m["phoneme_error_rate"] for m in per_seed[variant]) / len(SEEDS)
+        assert math.isclose(row["error_rate"], mean, rel_tol=1e-9, abs_tol=1e-12), (row["error_rate"], mean)
+        assert row["error_low"] <= row["error_rate"] <= row["error_high"]
+    lora, vera = rows.loc["lora"], rows.loc["vera"]
+    assert lora["quality_label"] == "baseline" and pd.isna(lora["p_holm"])
+    assert math.isclose(vera["delta_vs_lora"], vera["error_rate"] - lora["error_rate"], abs_tol=1e-12)
+    assert vera["delta_low"] <= vera["delta_vs_lora"] <= vera["delta_high"] and 0 <= vera["p_holm"] <= 1
+    # the label follows the Holm-adjusted p (report.ALPHA = 0.05)
+    expected = ("worse" if vera["delta_vs_lora"] > 0 else "better") if vera["p_holm"] <= 0.05 else "comparable"
+    assert vera["quality_label"] == expected, (vera["quality_label"], vera["p_holm"])
+
     md = (path / "reports/comparison.md").read_text()
     zh = (path / "reports/comparison.zh.md").read_text()
+    assert "**2 seed(s)** (0, 1)" in md and "p (Holm)" in md and "p_Holm" in md
     for variant in RUN:
-        assert f"| {variant} |" in md and f"| {variant} |" in zh
-    assert "seed" in md.lower()
-    # TODO(after wp-B): the column names of the CI / chosen lr / adjusted p in the comparison table
-    pytest.fail("report columns not yet known (waiting for wp-B)")
+        shown = f"(×{rows.loc[variant, 'lr_multiple']})"
+        assert re.search(rf"^\| {variant} \|.*{re.escape(shown)} \|$", md, re.M), md  # its chosen lr
+        assert f"| {variant} |" in zh
+    assert "| dora |" not in md
+    assert (path / "reports/plots/lr_sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_mlflow_holds_each_cell_once_and_one_comparison_run(grid):
@@ -192,8 +213,6 @@ def test_mlflow_holds_each_cell_once_and_one_comparison_run(grid):
     for _, run in runs.iterrows():
         assert math.isclose(float(run["tags.lr"]), _expected_lr(grid, run["tags.variant"], run["tags.lr_multiple"]),
                             rel_tol=1e-6)
-        chosen = _selection(path, run["tags.variant"])["lr_multiple"]
-        assert (run.get("tags.selected") == "true") == (run["tags.lr_multiple"] == chosen), run.to_dict()
         # the cell's run id is the one its adapter folder records
         record = json.loads((path / f"models/adapters/{run['tags.variant']}/seed{run['tags.seed']}/"
                                     f"lr{run['tags.lr_multiple']}/mlflow.json").read_text())
@@ -210,6 +229,10 @@ def test_mlflow_holds_each_cell_once_and_one_comparison_run(grid):
     assert sorted(_ids(members)) == sorted(runs["run_id"]), members
     artifacts = {a.path for a in client.list_artifacts(comparison["run_id"])}
     assert {"comparison.md", "comparison.zh.md", "comparison.csv"} <= {Path(a).name for a in artifacts} | artifacts
+    # evaluate tags the cells whose adapter it evaluated (the chosen multiple, every seed)
+    selected = sorted((r["tags.variant"], int(r["tags.seed"]), r["tags.lr_multiple"]) for _, r in runs.iterrows()
+                      if r.get("tags.selected") == "true")
+    assert selected == sorted((v, s, _selection(path, v)["lr_multiple"]) for v in RUN for s in SEEDS), selected
 
 
 def _ids(members) -> list[str]:
@@ -281,3 +304,24 @@ def test_a_poisoned_test_split_changes_no_selection(grid):
         test_split.unlink(missing_ok=True)
         test_split.write_bytes(original)
     assert _status(path) == {}
+
+
+# ----- a new seed, run ----------------------------------------------------------------------------------
+def test_repro_with_a_new_seed_runs_what_status_listed(grid):
+    """Runs last (it leaves seeds [0, 1, 2] in the repository): the stages `dvc repro` runs are the ones
+    `dvc status` listed, no cell of seeds 0/1 retrains, and seed 0/1's evaluations rerun exactly when
+    the new seed moved the chosen lr multiple."""
+    path = grid["path"]
+    before = {v: (path / f"reports/selection/{v}.json").read_bytes() for v in RUN}
+    params_file = path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**yaml.safe_load(params_file.read_text()), "seeds": [0, 1, 2]},
+                                          sort_keys=False))
+    listed = set(_status(path))
+    out = _run(["dvc", "repro"], path, timeout=900)
+    ran = _ran(out.stdout + out.stderr)
+    moved = {v for v in RUN if (path / f"reports/selection/{v}.json").read_bytes() != before[v]}
+    assert set(ran) == listed | {f"evaluate@{v}-{s}" for v in moved for s in SEEDS}, (ran, listed, moved)
+    assert {s for s in ran if s.startswith("train@")} == {f"train@{v}-2-{lab}" for v in RUN for lab in LABELS}, ran
+    assert _status(path) == {}
+    table = pd.read_csv(path / "reports/comparison.csv", dtype={"lr_multiple": str}).set_index("variant")
+    assert list(table.loc[RUN, "seeds"]) == [3, 3]
