@@ -227,8 +227,10 @@ def test_mlflow_holds_each_cell_once_and_one_comparison_run(grid):
     members = json.loads(Path(members_file).read_text())
     shutil.rmtree(path / ".members")
     assert sorted(_ids(members)) == sorted(runs["run_id"]), members
-    artifacts = {a.path for a in client.list_artifacts(comparison["run_id"])}
-    assert {"comparison.md", "comparison.zh.md", "comparison.csv"} <= {Path(a).name for a in artifacts} | artifacts
+    logged = {a.path for folder in ("report", "plots", "validation") for a in client.list_artifacts(comparison["run_id"], folder)}
+    assert {"report/comparison.md", "report/comparison.zh.md", "report/comparison.csv", "plots/lr_sensitivity.png",
+            "validation/lora.csv", "validation/vera.csv"} <= logged, logged
+    assert comparison["tags.stage"] == "compare" and comparison["params.seeds"] == "0,1", comparison.to_dict()
     # evaluate tags the cells whose adapter it evaluated (the chosen multiple, every seed)
     selected = sorted((r["tags.variant"], int(r["tags.seed"]), r["tags.lr_multiple"]) for _, r in runs.iterrows()
                       if r.get("tags.selected") == "true")
