@@ -22,7 +22,7 @@ train_summary.json. Writes, atomically:
   (the report's paired bootstrap uses them).
 
 MLflow: the metrics go onto the chosen cell's run (opened by its train stage, recorded in its
-adapter folder); this stage's own run, nested under it, spans the stage and holds its cost
+adapter folder), which is tagged `selected=true`; this stage's own run, nested under it, spans the stage and holds its cost
 (eval_seconds) and the predictions.
 """
 
@@ -200,6 +200,7 @@ def run(args, params) -> dict:
         # so the runs table shows them next to its params.
         tracker.log_metrics({k: v for k, v in row.items()
                              if isinstance(v, (int, float)) and v is not None and k != "seed"}, run_id=train_run)
+        tracker.set_tags(train_run, {"selected": "true"})  # the cell select chose (filter: tags.selected = 'true')
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

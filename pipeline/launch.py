@@ -5,7 +5,7 @@ once params are validated, the stage process replaces itself (exec, so DVC waits
 and gets its exit status) with PyTorch's own launcher:
 
     python -m torch.distributed.run --nproc_per_node N --nnodes M --max_restarts 0 \
-        (--standalone | --rdzv_backend c10d --rdzv_endpoint host:port --rdzv_id train-<variant>) \
+        (--standalone | --rdzv_backend c10d --rdzv_endpoint host:port --rdzv_id train-<variant>-<seed>-<lr>) \
         -m pipeline.train <the same arguments>
 
 `--standalone` (one machine, no endpoint) lets torchrun pick a free local port; otherwise the

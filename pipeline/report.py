@@ -12,7 +12,7 @@ No sentence about a method is fixed text, and no word of the report lives here:
   bootstrap standard errors, at Holm's strictest level;
 - memory label: mean training memory (exact base-weight bytes + the measured growth of memory
   during training) relative to LoRA's, outside a band of +-`memory_margin` ("lowest" for the
-  minimum when it is below the band, "low", "high", else "medium");
+  minimum when it is below the band, "low", "high", else "medium"; "no_reference" without LoRA);
 - use case: from the same numbers (fewest trainable parameters, lowest memory, measurably
   better quality, faster training by SPEED_MARGIN), falling back to "general";
 - imported adapters (`peft_adapter`, trained elsewhere): compared on quality like any other,
@@ -172,8 +172,8 @@ def memory_labels(rows: dict[str, dict], reference: str = "lora", imported=froze
     """Training memory relative to the reference's, outside +-margin; "imported" for adapters not trained here."""
     out = {name: "imported" for name in rows if name in imported}
     trained = {name: row for name, row in rows.items() if name not in imported}
-    if reference not in trained:
-        return {name: out.get(name, "medium") for name in rows}
+    if reference not in trained:  # nothing to be measured against
+        return {name: out.get(name, "no_reference") for name in rows}
     ref = trained[reference]["training_memory_bytes"]
     ratios = {name: row["training_memory_bytes"] / ref for name, row in trained.items()}
     lowest = min(ratios, key=ratios.get)

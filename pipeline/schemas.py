@@ -51,7 +51,7 @@ __all__ = [
 SPLITS = ("train", "validation", "test")
 # "imported": an adapter trained elsewhere (`peft_adapter`), whose training memory is unknown
 # "not_compared": the base model's row (not a method of the run); "no_reference": no LoRA in the run
-MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported", "not_compared")
+MEMORY_LABELS = ("lowest", "low", "medium", "high", "imported", "no_reference", "not_compared")
 QUALITY_LABELS = ("better", "comparable", "worse", "baseline", "no_reference", "not_compared")
 MAX_SHOWN = 10
 

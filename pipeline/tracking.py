@@ -7,12 +7,14 @@ MLFLOW_TRACKING_URI environment variable override it.
 
 One MLflow run per stage, so that a run's start, end and duration are its stage's:
 
-- `train@<v>` opens the variant's run (params, tags, per-step curves, training costs) and
-  records its id in the adapter folder (a declared output); a resumed training continues it.
-  A run whose training fails ends as FAILED.
-- `evaluate@<v>` logs the variant's metrics onto that run (so the runs table shows them next to
-  its params, and each chart has one bar per variant), and opens a child run of it (tag
-  `mlflow.parentRunId`, `stage=evaluate`) that spans the evaluation: its time and predictions.
+- `train@<v>-<seed>-<lr>` opens the cell's run, named `<v> seed=<s> lr=<lr>`, with variant,
+  seed, lr and lr_multiple as params and as tags (the UI's "Group by"), its per-step curves and
+  training costs, and records its id in the adapter folder (a declared output); a resumed
+  training continues it. A run whose training fails ends as FAILED.
+- `evaluate@<v>-<seed>` logs the test metrics onto the run of the cell that select chose (so the
+  runs table shows them next to its params) and tags it `selected=true`, and opens a child run
+  of it (tag `mlflow.parentRunId`, `stage=evaluate`) that spans the evaluation: its time and
+  predictions.
 
 - `compare` opens one "comparison" run (tag kind=comparison): the reports, table and plots as
   artifacts, members.json listing every cell's run, and the tag `comparison_run=<its id>` on

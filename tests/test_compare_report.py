@@ -191,6 +191,7 @@ def test_without_lora_there_is_no_reference_no_delta_column_and_no_label(tmp_pat
     assert "without LoRA in the run there is no reference to test against" in md
     table = pd.read_csv(args.csv).set_index("variant")
     assert table["delta_vs_lora"].isna().all() and set(table["quality_label"]) == {"no_reference", "not_compared"}
+    assert set(table["memory_label"]) == {"no_reference", "not_compared"}
 
 
 # ----- the lr grid --------------------------------------------------------------------------------------

@@ -67,17 +67,20 @@ def test_repro_writes_a_validated_report(repo):
     from pipeline.schemas import validate_comparison, validate_metrics
 
     path = repo["path"]
-    for stage in ("prepare", "base", "quantize", "train@lora", "train@dora", "train@vera", "evaluate@vera",
-                  "evaluate_base", "compare", "focus"):
+    for stage in ("prepare", "base", "quantize", "train@lora-0-1", "train@dora-0-1", "train@vera-0-1", "select@vera",
+                  "evaluate@vera-0", "evaluate_base", "compare", "focus"):
         assert f"Running stage '{stage}'" in repo["first"]
     table = validate_comparison(pd.read_csv(path / "reports/comparison.csv"))
     assert list(table["variant"]) == ["lora", "dora", "vera", "base"]
     assert table.loc[table["variant"] == "lora", "quality_label"].item() == "baseline"
-    for name in ("lora", "dora", "vera", "base"):
+    for name in ("lora/seed0", "dora/seed0", "vera/seed0", "base"):
         row = json.loads((path / f"reports/metrics/{name}.json").read_text())
         validate_metrics(pd.DataFrame([{k: row[k] for k in table.columns if k in row}]))
         assert row["n_test"] == 8
-    assert json.loads((path / "reports/metrics/vera.json").read_text())["trainable_params"] > 0
+    vera = json.loads((path / "reports/metrics/vera/seed0.json").read_text())
+    assert vera["trainable_params"] > 0 and (vera["seed"], vera["lr_multiple"], vera["lr"]) == (0, "1", 2e-2)
+    assert json.loads((path / "reports/selection/vera.json").read_text()) == {
+        "variant": "vera", "lr_multiple": "1", "lr": 2e-2, "criterion": "final_val_loss"}
     for lang in ("comparison.md", "comparison.zh.md"):
         text = (path / "reports" / lang).read_text()
         assert "| vera |" in text and "GiB" in text
@@ -85,7 +88,7 @@ def test_repro_writes_a_validated_report(repo):
     assert "| 变体 | 核心改进 | 显存 | 效果 | 适用场景 |" in (path / "reports/comparison.zh.md").read_text()
     for png in ("loss_curves.png", "quality_vs_params.png", "quality_vs_memory.png"):
         assert (path / "reports/plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    curve = pd.read_csv(path / "reports/curves/dora.csv")
+    curve = pd.read_csv(path / "reports/curves/dora/seed0-lr1.csv")
     assert list(curve["step"]) == [1, 2, 3] and curve["val_loss"].notna().sum() == 2
     assert json.loads((path / "reports/focus.json").read_text())["variant"] == "lora"
     # only declared outputs: no temporary folders left behind
@@ -117,16 +120,17 @@ def test_a_dtype_change_reaches_every_stage_that_reads_the_dtype(repo):
         changed = set(_status(path))  # everything was up to date before
     finally:
         params.write_text(original)
-    assert changed == {"base", "evaluate_base"} | {f"{s}@{v}" for s in ("train", "evaluate")
+    assert changed == {"base", "evaluate_base"} | {f"{s}@{v}{cell}" for s, cell in (("train", "-0-1"), ("evaluate", "-0"))
                                                    for v in ("lora", "dora", "vera")}, changed
     assert _status(path) == {}
 
 
 def test_staging_leftovers_and_checkpoints_change_nothing_for_git_or_dvc(repo):
     path = repo["path"]
-    planted = [path / p for p in ("reports/curves/.lora.csv.tmp-k1ll3d", "reports/metrics/.lora.json.tmp-k1ll3d",
-                                  "models/adapters/.lora.old-k1ll3d/previous/adapter.safetensors",
-                                  "models/checkpoints/lora/current/state.json")]
+    planted = [path / p for p in ("reports/curves/lora/.seed0-lr1.csv.tmp-k1ll3d",
+                                  "reports/metrics/lora/.seed0.json.tmp-k1ll3d",
+                                  "models/adapters/lora/seed0/.lr1.old-k1ll3d/previous/adapter.safetensors",
+                                  "models/checkpoints/lora/seed0-lr1/current/state.json")]
     for leftover in planted:
         leftover.parent.mkdir(parents=True, exist_ok=True)
         leftover.write_text("left by a killed run")
@@ -134,7 +138,7 @@ def test_staging_leftovers_and_checkpoints_change_nothing_for_git_or_dvc(repo):
         assert _status(path) == {}  # reports/curves and reports/metrics are compare's deps: hashes unchanged
         assert _run(["git", "status", "--porcelain"], path).stdout == ""
     finally:
-        for folder in ("models/adapters/.lora.old-k1ll3d", "models/checkpoints"):
+        for folder in ("models/adapters/lora/seed0/.lr1.old-k1ll3d", "models/checkpoints"):
             shutil.rmtree(path / folder, ignore_errors=True)
         for leftover in planted[:2]:
             leftover.unlink()
@@ -143,27 +147,28 @@ def test_staging_leftovers_and_checkpoints_change_nothing_for_git_or_dvc(repo):
 def test_a_train_stage_is_restored_from_the_run_cache(repo):
     path = repo["path"]
     lock = yaml.safe_load((path / "dvc.lock").read_text())
-    entry = lock["stages"].pop("train@lora")
+    entry = lock["stages"].pop("train@lora-0-1")
     (path / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
-    shutil.rmtree(path / "models/adapters/lora")
-    (path / "reports/curves/lora.csv").unlink()
+    shutil.rmtree(path / "models/adapters/lora/seed0/lr1")
+    (path / "reports/curves/lora/seed0-lr1.csv").unlink()
     out = _run(["dvc", "repro"], path)
     text = out.stdout + out.stderr
-    assert "Stage 'train@lora' is cached - skipping run, checking out outputs" in text, text
+    assert "Stage 'train@lora-0-1' is cached - skipping run, checking out outputs" in text, text
     assert "Running stage" not in text, text
-    assert (path / "models/adapters/lora/adapter.safetensors").is_file()
-    assert yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train@lora"] == entry  # as it was
+    assert (path / "models/adapters/lora/seed0/lr1/adapter.safetensors").is_file()
+    assert yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train@lora-0-1"] == entry  # as it was
     _run(["git", "checkout", "dvc.lock"], path)  # (DVC wrote the entry back at the end of the file)
     assert _run(["git", "status", "--porcelain"], path).stdout == ""
 
 
-def test_mlflow_holds_one_finished_run_per_variant(repo):
+def test_mlflow_holds_one_finished_run_per_cell(repo):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo['path'] / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.stage = 'train'")
     assert sorted(runs["tags.variant"]) == ["dora", "lora", "vera"]
-    assert set(runs["status"]) == {"FINISHED"}
+    assert set(runs["status"]) == {"FINISHED"} and set(runs["tags.seed"]) == {"0"} and set(runs["tags.lr_multiple"]) == {"1"}
+    assert sorted(runs["tags.mlflow.runName"]) == ["dora seed=0 lr=2e-03", "lora seed=0 lr=2e-03", "vera seed=0 lr=2e-02"]
     assert runs["metrics.phoneme_error_rate"].notna().all() and runs["metrics.eval_loss"].notna().all()
     assert set(runs["tags.dvc_exp_name"]) == {"not_a_dvc_experiment"}
     history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "loss")
@@ -192,9 +197,9 @@ def test_exp_run_with_a_variant_param_retrains_that_variant_only(repo):
     path = repo["path"]
     out = _run(["dvc", "exp", "run", "-S", "variant=vera", "-S", "variants.vera.r=8"], path)
     text = out.stdout + out.stderr
-    assert "Running stage 'train@vera'" in text and "Running stage 'evaluate@vera'" in text
-    assert "Running stage 'train@lora'" not in text and "Running stage 'train@dora'" not in text
-    assert json.loads((path / "reports/metrics/vera.json").read_text())["trainable_params"] == sum(
+    assert "Running stage 'train@vera-0-1'" in text and "Running stage 'evaluate@vera-0'" in text
+    assert "Running stage 'train@lora" not in text and "Running stage 'train@dora" not in text
+    assert json.loads((path / "reports/metrics/vera/seed0.json").read_text())["trainable_params"] == sum(
         layer_out + 8 for layer_out in [32, 16, 16, 32, 48, 48, 32] * 2)
 
 
@@ -244,14 +249,14 @@ def test_exp_run_with_fsdp_on_two_processes_trains_every_variant_under_torchrun(
                 "-S", "train.distributed.nproc_per_node=2"], path)
     text = out.stdout + out.stderr
     for name in ("lora", "dora", "vera"):
-        assert f"Running stage 'train@{name}'" in text
+        assert f"Running stage 'train@{name}-0-1'" in text
         assert f"[{name} rank 1/2]" in text, text[-3000:]  # the second rank trained and reported progress
-        summary = json.loads((path / f"models/adapters/{name}/train_summary.json").read_text())
+        summary = json.loads((path / f"models/adapters/{name}/seed0/lr1/train_summary.json").read_text())
         record = summary["distributed"]
         assert (record["strategy"], record["world_size"]) == ("fsdp", 2)
         held = [rank["base_weight_bytes"] for rank in record["per_rank"]]
         assert len(held) == 2 and max(held) <= 0.55 * summary["base_weight_bytes"], record  # FSDP2 shards the base
-        curve = pd.read_csv(path / f"reports/curves/{name}.csv")
+        curve = pd.read_csv(path / f"reports/curves/{name}/seed0-lr1.csv")
         assert list(curve["step"]) == [1, 2, 3]  # written once, by rank 0
     report = (path / "reports/comparison.md").read_text()
     assert "Distributed training" in report and "fsdp" in report

@@ -49,6 +49,8 @@ def metrics_row(variant: str = "lora", **overrides) -> dict:
         "tokens_per_second": 175.0,
         "steps": 40,
         "optimizer": "adamw",
+        "seed": 0,            # the cell: training seed and the chosen lr multiple (null for the base row)
+        "lr_multiple": "1",
     }
     row.update(overrides)
     return row
@@ -237,7 +239,7 @@ def test_bad_labels_fail():
     df.loc[0, "quality_label"] = "best"
     msg = failure(df, validate_comparison)
     assert msg.startswith("comparison table failed validation:\n")
-    assert line_for(msg, "memory_label", "isin(['lowest', 'low', 'medium', 'high', 'imported', 'not_compared'])").endswith("rows [1]: ['tiny']")
+    assert line_for(msg, "memory_label", "isin(['lowest', 'low', 'medium', 'high', 'imported', 'no_reference', 'not_compared'])").endswith("rows [1]: ['tiny']")
     assert line_for(msg, "quality_label", "isin(['better', 'comparable', 'worse', 'baseline', 'no_reference', 'not_compared'])").endswith(
         "rows [0]: ['best']"
     )

@@ -156,3 +156,19 @@ def test_select_reads_no_test_data_and_imports_neither_torch_nor_pandas(workspac
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+
+
+def test_the_validation_schema_refuses_two_chosen_multiples_a_cell_twice_and_a_min_above_the_final():
+    from pipeline.errors import DataError
+
+    good = pd.DataFrame({"variant": ["lora"] * 4, "seed": [0, 0, 1, 1], "lr_multiple": ["1", "2", "1", "2"],
+                         "lr": [2e-3, 4e-3, 2e-3, 4e-3], "val_loss_final": [1.0, 2.0, 1.1, 2.1],
+                         "val_loss_min": [0.9, 2.0, 1.1, 2.0], "chosen": [True, False, True, False]})
+    assert len(validate_validation(good)) == 4
+    for change, check in (
+            (lambda df: df.assign(chosen=[True, True, True, False]), "one_chosen_multiple_per_variant"),  # 2 chosen
+            (lambda df: df.assign(chosen=[True, False, False, False]), "one_chosen_multiple_per_variant"),  # 1 seed
+            (lambda df: df.assign(seed=[0, 0, 0, 1]), "one_row_per_cell"),
+            (lambda df: df.assign(val_loss_min=[1.5, 2.0, 1.1, 2.0]), "min_not_above_final")):
+        with pytest.raises(DataError, match=check):
+            validate_validation(change(good))

@@ -100,6 +100,8 @@ def test_every_cell_has_a_run_with_its_coordinates_as_params_and_tags(tracked):
     # only the chosen cell was tested: the other has no test metrics
     other = _by_stage(tracked["runs"], "train", {"0.5": "1", "1": "0.5"}[tracked["chosen"]])
     assert "phoneme_error_rate" not in other.data.metrics and "eval_loss" not in other.data.metrics
+    chosen = _by_stage(tracked["runs"], "train", tracked["chosen"])
+    assert chosen.data.tags["selected"] == "true" and "selected" not in other.data.tags
 
 
 def test_the_stages_leave_no_process_wide_mlflow_state(tracked):
