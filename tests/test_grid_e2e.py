@@ -308,22 +308,36 @@ def test_a_poisoned_test_split_changes_no_selection(grid):
     assert _status(path) == {}
 
 
-# ----- a new seed, run ----------------------------------------------------------------------------------
-def test_repro_with_a_new_seed_runs_what_status_listed(grid):
-    """Runs last (it leaves seeds [0, 1, 2] in the repository): the stages `dvc repro` runs are the ones
-    `dvc status` listed, no cell of seeds 0/1 retrains, and seed 0/1's evaluations rerun exactly when
-    the new seed moved the chosen lr multiple."""
+# ----- a new lr multiple, run -------------------------------------------------------------------------
+def test_repro_with_a_new_lr_multiple_trains_its_cells_only_and_moves_the_selection_everywhere(grid):
+    """Runs last (it leaves lr_grid [0.5, 2, 4] in the repository). `dvc repro` trains exactly the cells
+    `dvc status` listed, none of the old multiples; then every file and MLflow agree on the chosen
+    multiple: each seed's metrics, the report, and `selected=true` on exactly the chosen cells, even
+    when the new multiple took the choice from an old one (3 steps from a random start: the largest
+    lr usually wins, so the tags must move)."""
+    import mlflow
+
     path = grid["path"]
-    before = {v: (path / f"reports/selection/{v}.json").read_bytes() for v in RUN}
     params_file = path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({**yaml.safe_load(params_file.read_text()), "seeds": [0, 1, 2]},
+    params_file.write_text(yaml.safe_dump({**yaml.safe_load(params_file.read_text()), "lr_grid": [*LR_GRID, 4]},
                                           sort_keys=False))
-    listed = set(_status(path))
+    listed = {s for s in _status(path) if s.startswith("train@")}
     out = _run(["dvc", "repro"], path, timeout=900)
     ran = _ran(out.stdout + out.stderr)
-    moved = {v for v in RUN if (path / f"reports/selection/{v}.json").read_bytes() != before[v]}
-    assert set(ran) == listed | {f"evaluate@{v}-{s}" for v in moved for s in SEEDS}, (ran, listed, moved)
-    assert {s for s in ran if s.startswith("train@")} == {f"train@{v}-2-{lab}" for v in RUN for lab in LABELS}, ran
+    assert {s for s in ran if s.startswith("train@")} == listed == {f"train@{v}-{s}-4" for v in RUN for s in SEEDS}
     assert _status(path) == {}
+
+    chosen = {v: _selection(path, v)["lr_multiple"] for v in RUN}
+    for variant in RUN:
+        for seed in SEEDS:
+            row = json.loads((path / f"reports/metrics/{variant}/seed{seed}.json").read_text())
+            assert row["lr_multiple"] == chosen[variant], (variant, seed, row["lr_multiple"], chosen)
     table = pd.read_csv(path / "reports/comparison.csv", dtype={"lr_multiple": str}).set_index("variant")
-    assert list(table.loc[RUN, "seeds"]) == [3, 3]
+    assert {v: table.loc[v, "lr_multiple"] for v in RUN} == chosen
+
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.stage = 'train'")
+    assert len(runs) == len(RUN) * len(SEEDS) * 3  # the old cells were not trained again
+    selected = sorted((r["tags.variant"], int(r["tags.seed"]), r["tags.lr_multiple"]) for _, r in runs.iterrows()
+                      if r.get("tags.selected") == "true")
+    assert selected == sorted((v, s, chosen[v]) for v in RUN for s in SEEDS), (selected, chosen)
