@@ -1,7 +1,7 @@
 """End to end over the comparison grid (issue 11): 2 methods x 2 training seeds x 2 lr multiples on a
 tiny random model, through one `dvc repro` in a temporary git repository; then what `dvc status`
-says a new seed, a new lr multiple or another headline variant would rerun, and that the lr
-selection never reads the test split."""
+says a new seed, a new lr multiple or another headline variant would rerun, that the lr
+selection never reads the test split, and (last) a `dvc repro` after adding an lr multiple."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,16 @@ def _run(args, cwd, check=True, timeout=900):
            "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # its own session, so a timeout kills the stage processes dvc started too, not dvc alone
+    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    done = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done
