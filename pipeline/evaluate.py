@@ -22,7 +22,7 @@ train_summary.json. Writes, atomically:
   (the report's paired bootstrap uses them).
 
 MLflow: the metrics go onto the chosen cell's run (opened by its train stage, recorded in its
-adapter folder), which is tagged `selected=true`; this stage's own run, nested under it, spans the stage and holds its cost
+adapter folder), which is tagged `selected=true` (the seed's other cells `selected=false`); this stage's own run, nested under it, spans the stage and holds its cost
 (eval_seconds) and the predictions.
 """
 
@@ -201,6 +201,12 @@ def run(args, params) -> dict:
         tracker.log_metrics({k: v for k, v in row.items()
                              if isinstance(v, (int, float)) and v is not None and k != "seed"}, run_id=train_run)
         tracker.set_tags(train_run, {"selected": "true"})  # the cell select chose (filter: tags.selected = 'true')
+        for other in sorted(Path(args.adapters).glob("*/mlflow.json")):
+            # the seed's other cells are not (or no longer: the choice moved) the tested one; a cell chosen
+            # before keeps the test metrics it was given then, under selected=false
+            info = json.loads(other.read_text())
+            if other.parent != adapter and info.get("run_id") and info.get("uri") == run_info.get("uri"):
+                tracker.set_tags(info["run_id"], {"selected": "false"})
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

@@ -163,16 +163,16 @@ def test_fsdp_projection_shards_base_and_codes_and_keeps_quant_state_and_adapter
 
 def test_the_report_shows_distributed_runs_only_when_there_are_some(tmp_path):
     from pipeline import compare
-    from pipeline.params import load_params
 
-    params = load_params(ROOT / "params.yaml")
     run = {"strategy": "fsdp", "world_size": 2, "backend": "nccl", "nnodes": 1, "nproc_per_node": 2,
            "per_rank": [{"rank": 1, "peak_memory_bytes": 3 * 2**30, "base_weight_bytes": 60 * 2**20},
                         {"rank": 0, "peak_memory_bytes": 2 * 2**30, "base_weight_bytes": 70 * 2**20}]}
-    for name, summary in (("lora", {"distributed": run}), ("dora", {})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "train_summary.json").write_text(json.dumps(summary))
-    found = compare.distributed_runs(params, str(tmp_path))
+
+    def method(name, summary):  # the chosen cell of one seed, as compare reads it
+        return compare.Method(name=name, lr_multiple="1", lr=2e-3, seeds=(0,), rows=[{}], predictions=[[]],
+                              summaries=[summary], curve=None)
+
+    found = compare.distributed_runs({"lora": method("lora", {"distributed": run}), "dora": method("dora", {})})
     assert found == {"lora": run}
     rows = {"lora": {"base_weight_bytes": 140 * 2**20, "peak_memory_method": "cuda.max_memory_allocated"}}
     en = compare.distributed_section("en", rows, found)
