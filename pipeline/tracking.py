@@ -283,11 +283,13 @@ class Tracker:
     def log_artifacts(self, folder: str | os.PathLike, artifact_path: str) -> None:
         if self.run_id:
             self._call("log_artifacts",
-                       lambda: self._client.call("log_artifacts", self.run_id, str(folder), artifact_path))
+                       lambda: self._client.call("log_artifacts", self.run_id, os.path.abspath(folder), artifact_path))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id:
-            self._call("log_artifact", lambda: self._client.call("log_artifact", self.run_id, str(path), artifact_path))
+            # absolute: the worker process keeps the directory it started in, the stage may not
+            self._call("log_artifact",
+                       lambda: self._client.call("log_artifact", self.run_id, os.path.abspath(path), artifact_path))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Tag another run of the store (the comparison run's id onto each member run)."""
