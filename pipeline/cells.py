@@ -11,6 +11,7 @@ here, once, for the stage that writes them and the stages that read them:
     reports/curves/<variant>/seed<s>-lr<label>.csv   train@<variant>-<s>-<label>  (its loss curve)
     reports/selection/<variant>.json                 select@<variant>   (the chosen lr multiple)
     reports/validation/<variant>.csv                 select@<variant>   (every cell's validation loss)
+    models/selected/<variant>/seed<s>/               select@<variant>   (a copy of the seed's chosen cell)
     reports/metrics/<variant>/seed<s>.json           evaluate@<variant>-<s>  (test metrics, chosen lr)
     reports/predictions/<variant>/seed<s>.jsonl      evaluate@<variant>-<s>
 """

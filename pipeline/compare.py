@@ -22,7 +22,8 @@ labels, use cases) come from pipeline/report.py and pipeline/stats.py.
 
 MLflow (tracking on): one "comparison" run (tag kind=comparison; params run, seeds, lr_grid,
 lr_selection) with the reports, CSV, plots and validation tables as artifacts and members.json
-(every cell's run id); each member run is tagged `comparison_run=<that run's id>`.
+(every cell's run id); each member run is tagged `comparison_run=<that run's id>` and
+`selected=true|false` (whether it is its variant's chosen multiple).
 
 A variant imported with `peft_adapter` (trained elsewhere) is compared on quality; its training
 columns read "imported", and it is left out of the memory labels, the memory and speed guide,
@@ -189,8 +190,9 @@ def load_sensitivity(params, args, name: str, chosen: str) -> dict:
     return {"points": points, "chosen": chosen}
 
 
-def load_members(params, adapters: str) -> list[dict]:
-    """The MLflow run of every cell of the grid that has one (mlflow.json in its adapter folder)."""
+def load_members(params, adapters: str, chosen: dict[str, str]) -> list[dict]:
+    """The MLflow run of every cell of the grid that has one (mlflow.json in its adapter folder), and
+    whether it is its variant's chosen multiple (`chosen`: variant -> label)."""
     out = []
     for name in params.run:
         for cell in cells(name, params.seeds, params.lr_grid):
@@ -198,7 +200,8 @@ def load_members(params, adapters: str) -> list[dict]:
             info = json.loads(path.read_text()) if path.is_file() else {}
             if info.get("run_id"):
                 out.append({"stage": cell.stage, "variant": name, "seed": cell.seed, "lr_multiple": cell.lr.label,
-                            "run_id": info["run_id"], "uri": info.get("uri")})
+                            "run_id": info["run_id"], "uri": info.get("uri"),
+                            "selected": cell.lr.label == chosen.get(name)})
     return out
 
 
@@ -212,7 +215,8 @@ def load_inputs(params, args) -> Inputs:
     if len(params.lr_grid) > 1:
         sensitivity = {name: load_sensitivity(params, args, name, m.lr_multiple) for name, m in methods.items()
                        if not m.imported}
-    return Inputs(methods, base, base_predictions, quant, sensitivity, load_members(params, args.adapters))
+    return Inputs(methods, base, base_predictions, quant, sensitivity,
+                  load_members(params, args.adapters, {name: m.lr_multiple for name, m in methods.items()}))
 
 
 def distributed_runs(methods: dict[str, Method]) -> dict[str, dict]:
@@ -605,7 +609,9 @@ def track_comparison(params, args, members: list[dict]) -> str | None:
             tracker.log_artifact(path, "validation")
     for member in members:
         if member.get("uri") in (None, tracker.uri):  # a run in another store cannot be tagged from here
-            tracker.set_tags(member["run_id"], {"comparison_run": run_id})
+            # `selected` too: evaluate tags the cell it tests; a cell chosen by an earlier grid is untagged here
+            tracker.set_tags(member["run_id"], {"comparison_run": run_id,
+                                                "selected": str(member["selected"]).lower()})
     tracker.end("FINISHED")
     return run_id
 

@@ -1,14 +1,14 @@
 """Stage `evaluate@<variant>-<seed>` (and `evaluate_base`): quality and cost of one trained variant.
 
     python -m pipeline.evaluate <variant> --seed <s> --selection reports/selection/<variant>.json \
-        --adapters models/adapters/<variant>/seed<s> --data data/prepared --base models/base \
+        --adapter models/selected/<variant>/seed<s> --data data/prepared --base models/base \
         --metrics reports/metrics/<variant>/seed<s>.json --predictions reports/predictions/<variant>/seed<s>.jsonl
-    python -m pipeline.evaluate base --data ... --base ... --metrics ... --predictions ...   # no --adapters:
+    python -m pipeline.evaluate base --data ... --base ... --metrics ... --predictions ...   # no --adapter:
                                                   # the untouched base model, the baseline row named `base`
 
 A variant is tested once per seed, with the lr multiple that `select@<variant>` chose on
-validation loss (--selection): the adapter `<adapters>/lr<multiple>` (pipeline/cells.py) of
-the seed's folder of lr cells. The other cells are never tested.
+validation loss (--selection): --adapter is select's copy of the seed's chosen cell, checked
+against the selection (variant, seed, multiple). The other cells are never tested.
 
 On the test split: eval loss on response tokens only, and greedy generations scored by
 exact match and — for the G2P task — phoneme error rate (edit distance over phonemes /
@@ -22,7 +22,9 @@ train_summary.json. Writes, atomically:
   (the report's paired bootstrap uses them).
 
 MLflow: the metrics go onto the chosen cell's run (opened by its train stage, recorded in its
-adapter folder), which is tagged `selected=true` (the seed's other cells `selected=false`); this stage's own run, nested under it, spans the stage and holds its cost
+adapter folder), which is tagged `selected=true` (compare marks every other cell of the grid
+`selected=false`, so a choice that moved leaves one selected run per seed); this stage's own run,
+nested under it, spans the stage and holds its cost
 (eval_seconds) and the predictions.
 """
 
@@ -35,7 +37,6 @@ from pathlib import Path
 import pandas as pd
 
 import variants
-from pipeline.cells import lr_folder
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.gguf_base import load_base
@@ -55,7 +56,7 @@ def base_bytes(model) -> int:
 
 def stage_name(args) -> str:
     """A variant's seed is stage evaluate@<name>-<seed>; the base model alone is stage evaluate_base."""
-    return f"evaluate@{args.name}-{args.seed}" if args.adapters else "evaluate_base"
+    return f"evaluate@{args.name}-{args.seed}" if args.adapter else "evaluate_base"
 
 
 def parse(argv: list[str] | None = None):
@@ -64,10 +65,9 @@ def parse(argv: list[str] | None = None):
                  positional=(("name", {"help": "the row's name: the variant, or `base` for the base model"}),),
                  inputs={"--data": "the prepared data folder", "--base": "the base model folder"},
                  outputs={"--metrics": "the metrics row (JSON)", "--predictions": "the predictions (JSON lines)"},
-                 options=(("--adapters", {"metavar": "PATH", "help": "(read) the seed's folder of lr cells "
-                                                                      "(lr<multiple>/ each); without it the base "
-                                                                      "model is evaluated"}),
-                          ("--seed", {"type": int, "metavar": "SEED", "help": "the training seed of the cells in --adapters"}),
+                 options=(("--adapter", {"metavar": "PATH", "help": "(read) the seed's chosen adapter (select's "
+                                                                     "copy); without it the base model is evaluated"}),
+                          ("--seed", {"type": int, "metavar": "SEED", "help": "the training seed of --adapter"}),
                           ("--selection", {"metavar": "PATH", "help": "(read) the variant's chosen lr multiple "
                                                                       "(select@<variant>)"})))
 
@@ -79,7 +79,7 @@ def chosen_adapter(args) -> tuple[Path, dict]:
     any model is loaded."""
     given = [flag for flag, value in (("--seed", args.seed), ("--selection", args.selection)) if value is not None]
     if len(given) < 2:
-        raise DataError("--adapters needs --seed and --selection (the seed's folder of lr cells, and the chosen "
+        raise DataError("--adapter needs --seed and --selection (the seed's chosen adapter, and the chosen "
                         f"multiple); got only {', '.join(given) or 'neither'}")
     if args.seed < 0:
         raise DataError(f"--seed must be a non-negative integer, got {args.seed}")
@@ -93,26 +93,27 @@ def chosen_adapter(args) -> tuple[Path, dict]:
         raise DataError(f"{path} is not an lr selection (needs lr_multiple): {err}") from None
     if selection.get("variant") != args.name:
         raise DataError(f"{path} holds the selection of {selection.get('variant')!r}, not of {args.name!r}")
-    adapter = Path(args.adapters) / lr_folder(str(label))
+    adapter = Path(args.adapter)
     if not (adapter / "train_summary.json").is_file():
         raise DataError(f"no trained adapter in {adapter} (train_summary.json is missing): select@{args.name} "
-                        f"chose lr multiple {label}; run train@{args.name}-{args.seed}-{label}")
+                        f"chose lr multiple {label}; run train@{args.name}-{args.seed}-{label}, then "
+                        f"select@{args.name}")
     summary = json.loads((adapter / "train_summary.json").read_text())
     found = (summary.get("variant"), summary.get("seed"), summary.get("lr_multiple"))
     if found != (args.name, args.seed, str(label)):
         raise DataError(f"{adapter} holds the adapter of variant, seed, lr multiple {found}, not "
-                        f"{(args.name, args.seed, str(label))}: rerun train@{args.name}-{args.seed}-{label}")
+                        f"{(args.name, args.seed, str(label))}: rerun select@{args.name} (it copies the chosen cell)")
     return adapter, selection
 
 
 def check_base_arguments(args) -> None:
     given = [flag for flag, value in (("--seed", args.seed), ("--selection", args.selection)) if value is not None]
     if given:
-        raise DataError(f"{' and '.join(given)} only go with --adapters (the base model has no seed or lr)")
+        raise DataError(f"{' and '.join(given)} only go with --adapter (the base model has no seed or lr)")
 
 
 def run(args, params) -> dict:
-    name = args.name if args.adapters else None  # None: the base model alone
+    name = args.name if args.adapter else None  # None: the base model alone
     label = args.name
     if name is not None:
         adapter, _ = chosen_adapter(args)
@@ -201,12 +202,6 @@ def run(args, params) -> dict:
         tracker.log_metrics({k: v for k, v in row.items()
                              if isinstance(v, (int, float)) and v is not None and k != "seed"}, run_id=train_run)
         tracker.set_tags(train_run, {"selected": "true"})  # the cell select chose (filter: tags.selected = 'true')
-        for other in sorted(Path(args.adapters).glob("*/mlflow.json")):
-            # the seed's other cells are not (or no longer: the choice moved) the tested one; a cell chosen
-            # before keeps the test metrics it was given then, under selected=false
-            info = json.loads(other.read_text())
-            if other.parent != adapter and info.get("run_id") and info.get("uri") == run_info.get("uri"):
-                tracker.set_tags(info["run_id"], {"selected": "false"})
     shown = f"PER {per:.3f}, " if per is not None else ""
     print(f"[eval {label}] {shown}exact match {em:.3f}, eval loss {eval_loss:.3f} ({len(test_ex)} test examples)",
           flush=True)

@@ -78,11 +78,46 @@ def remove_leftovers(targets: Iterable[str | os.PathLike]) -> list[Path]:
     return removed
 
 
-def atomic_folder(path):
-    """Yield an empty temporary folder; on success it replaces the path in one rename."""
-    from variants.io import staged_folder  # (variants imports torch: only stages that write folders need it)
+def staging_folder(target: Path) -> Path:
+    """A new empty folder beside `target` (same file system, so it can be renamed onto it), with an
+    ordinary folder's permissions (mkdtemp's are 0o700)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
-    return staged_folder(path)
+
+def swap_folder(tmp: Path, target: Path) -> None:
+    """Move the complete folder `tmp` to `target`, replacing what was there (if anything)."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "previous")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "previous", target)  # put the previous version back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield an empty temporary folder; on success it replaces the path in one rename.
+
+    (The same two steps as variants.io's, kept here so that stages which build no model — select —
+    write folders without importing torch through the variants package.)"""
+    target = Path(path)
+    tmp = staging_folder(target)
+    try:
+        yield tmp
+        swap_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def commit_outputs(files: dict[str, bytes | str] | None = None,
@@ -102,8 +137,6 @@ def commit_outputs(files: dict[str, bytes | str] | None = None,
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             os.chmod(tmp, 0o644)
-        if folders:
-            from variants.io import staging_folder, swap_folder
         for path, build in (folders or {}).items():
             target = Path(path)
             tmp = staging_folder(target)

@@ -1,7 +1,8 @@
 """Stage `select@<variant>`: the variant's lr multiple, chosen on validation loss (never the test split).
 
-    python -m pipeline.select <variant> --curves reports/curves/<variant> \
-        --selection reports/selection/<variant>.json --validation reports/validation/<variant>.csv
+    python -m pipeline.select <variant> --curves reports/curves/<variant> --adapters models/adapters/<variant> \
+        --selection reports/selection/<variant>.json --validation reports/validation/<variant>.csv \
+        --chosen models/selected/<variant>
 
 A learning rate that happens to suit one method must not decide a comparison, and choosing it
 on the test split would leak the test into the result. So each variant is trained at every
@@ -22,7 +23,11 @@ that writes it. Writes, atomically:
   nothing else, so adding a seed that keeps the choice leaves the file byte-identical and the
   evaluations of the earlier seeds are not rerun;
 - the validation table (--validation): one row per cell (variant, seed, lr_multiple, lr,
-  val_loss_final, val_loss_min, chosen); schema `validate_validation` (pipeline/schemas.py).
+  val_loss_final, val_loss_min, chosen); schema `validate_validation` (pipeline/schemas.py);
+- the chosen adapters (--chosen): `seed<s>/`, a copy of each seed's adapter folder at the chosen
+  multiple. `evaluate@<variant>-<s>` depends on exactly that copy: a new multiple that does not win,
+  or a new seed, leaves the earlier copies byte-identical, so DVC reruns no earlier evaluation
+  (DVC's cache holds the copy's files once: they are the train stage's, by content).
 
 The stage builds no model: it skips the adapter specs' validation, imports neither torch nor
 pandas, and starts in a fraction of a second.
@@ -34,10 +39,11 @@ import csv
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
-from pipeline.cells import Cell, cells
+from pipeline.cells import Cell, cells, seed_name
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.params import ParamsError
@@ -51,9 +57,11 @@ def parse(argv: list[str] | None = None):
     """(arguments, params as `select@<variant>` may read them); params is None after a printed error."""
     return start("select", __doc__, argv, stage=lambda a: f"select@{a.variant}", adapter_specs=False,
                  positional=(("variant", {"help": "the variants.<name> entry of params.yaml"}),),
-                 inputs={"--curves": "the variant's folder of training curves"},
+                 inputs={"--curves": "the variant's folder of training curves",
+                         "--adapters": "the variant's folder of trained cells"},
                  outputs={"--selection": "the chosen lr multiple (JSON)",
-                          "--validation": "every cell's validation loss (CSV)"})
+                          "--validation": "every cell's validation loss (CSV)",
+                          "--chosen": "the chosen cell's adapter of every seed (a folder)"})
 
 
 def read_validation(path: Path, cell: Cell) -> dict:
@@ -109,6 +117,29 @@ def select(variant: str, curves: Path, params) -> tuple[dict, list[dict]]:
     return selection, rows
 
 
+def chosen_adapters(variant: str, adapters: Path, params, label: str) -> list[tuple[Path, str]]:
+    """(the adapter folder, its name below --chosen) of every seed at the chosen multiple; a DataError
+    naming the train stage when one is missing."""
+    picked = [c for c in cells(variant, params.seeds, params.lr_grid) if c.lr.label == label]
+    out = []
+    for cell in picked:
+        folder = adapters / cell.adapter
+        if not (folder / "train_summary.json").is_file():
+            raise DataError(f"no trained adapter in {folder} (train_summary.json is missing): run {cell.stage} "
+                            f"(dvc repro {cell.stage})")
+        out.append((folder, seed_name(cell.seed)))
+    return out
+
+
+def copy_adapters(found: list[tuple[Path, str]]):
+    """The --chosen folder's writer: one copy per seed."""
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for folder, name in found:
+            shutil.copytree(folder, tmp / name)
+    return write
+
+
 def validation_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=VALIDATION_COLUMNS, lineterminator="\n")
@@ -124,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         selection, rows = select(args.variant, Path(args.curves), params)
+        found = chosen_adapters(args.variant, Path(args.adapters), params, selection["lr_multiple"])
     except (ParamsError, DataError) as err:
         print(f"select@{args.variant}: {err}", file=sys.stderr)
         return 1
     commit_outputs({args.selection: json.dumps(selection, indent=2, sort_keys=True) + "\n",
-                    args.validation: validation_csv(rows)})
+                    args.validation: validation_csv(rows)}, {args.chosen: copy_adapters(found)})
     column = CRITERIA[selection["criterion"]]
     shown = ", ".join(f"x{r['lr_multiple']} seed {r['seed']}: {r[column]:.4f}" if r[column] is not None else
                       f"x{r['lr_multiple']} seed {r['seed']}: none" for r in rows)

@@ -42,7 +42,10 @@ def test_the_comparison_run_holds_the_report_and_tags_every_member_run(tmp_path,
     elsewhere = client.create_run(experiment, run_name="another pipeline run").info.run_id
     rng = np.random.default_rng(0)
     lengths, edits = rng.integers(3, 9, size=30), rng.integers(0, 4, size=30)
-    args = write_run(tmp_path, params, {"lora": [edits] * 2, "dora": [edits] * 2}, lengths, run_ids=run_ids, uri=uri)
+    args = write_run(tmp_path, params, {"lora": [edits] * 2, "dora": [edits] * 2}, lengths, run_ids=run_ids, uri=uri,
+                     chosen={"lora": "1", "dora": "2"})
+    for key in (("lora", 0, "2"), ("dora", 1, "2")):  # left tagged by an earlier grid whose choice was another
+        client.set_tag(run_ids[key], "selected", "true" if key[0] == "lora" else "false")
     compare.run(args, params)
 
     (comparison,) = client.search_runs([experiment], "tags.kind = 'comparison'")
@@ -58,8 +61,10 @@ def test_the_comparison_run_holds_the_report_and_tags_every_member_run(tmp_path,
     assert members["comparison_run"] == cid
     assert {m["run_id"] for m in members["members"]} == set(run_ids.values())  # every cell, chosen or not
     assert {(m["variant"], m["seed"], m["lr_multiple"]) for m in members["members"]} == set(run_ids)
-    for run_id in run_ids.values():
-        assert client.get_run(run_id).data.tags["comparison_run"] == cid
+    for (name, _seed, label), run_id in run_ids.items():
+        tags = client.get_run(run_id).data.tags
+        assert tags["comparison_run"] == cid
+        assert tags["selected"] == ("true" if label == {"lora": "1", "dora": "2"}[name] else "false")
     assert "comparison_run" not in client.get_run(elsewhere).data.tags
 
 

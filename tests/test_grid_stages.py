@@ -81,19 +81,27 @@ def _selection(workspace, **fields):
                                 **fields}))
 
 
-@pytest.mark.parametrize("fields, seed, fragment", [
-    ({"variant": "dora"}, 2, "holds the selection of 'dora', not of 'lora'"),
-    ({"lr_multiple": "4"}, 2, "no trained adapter in models/adapters/lora/seed2/lr4 (train_summary.json is missing): "
-                              "select@lora chose lr multiple 4; run train@lora-2-4"),
+@pytest.mark.parametrize("fields, copied, fragment", [
+    ({"variant": "dora"}, True, "holds the selection of 'dora', not of 'lora'"),
+    ({"lr_multiple": "4"}, True, "holds the adapter of variant, seed, lr multiple ('lora', 2, '0.5'), not "
+                                 "('lora', 2, '4'): rerun select@lora (it copies the chosen cell)"),
+    ({"lr_multiple": "4"}, False, "no trained adapter in models/selected/lora/seed2 (train_summary.json is missing): "
+                                  "select@lora chose lr multiple 4; run train@lora-2-4, then select@lora"),
 ])
 def test_evaluate_refuses_a_selection_that_does_not_fit_before_loading_a_model(workspace, monkeypatch, capsys,
-                                                                                fields, seed, fragment):
+                                                                                fields, copied, fragment):
+    import shutil
+
     monkeypatch.chdir(workspace)
     if not (workspace / "models/adapters/lora/seed2/lr0.5").exists():
         assert train.main(stage_argv("train@lora-2-0.5")) == 0
+    chosen = workspace / "models/selected/lora/seed2"
+    shutil.rmtree(chosen, ignore_errors=True)
+    if copied:  # select's copy of the cell it chose (here: 0.5, whatever the selection file says)
+        shutil.copytree(workspace / "models/adapters/lora/seed2/lr0.5", chosen)
     _selection(workspace, **fields)
     monkeypatch.setattr(evaluate, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
-    assert evaluate.main(stage_argv(f"evaluate@lora-{seed}")) == 1
+    assert evaluate.main(stage_argv("evaluate@lora-2")) == 1
     assert fragment in capsys.readouterr().err
 
 
@@ -104,9 +112,9 @@ def test_evaluate_refuses_an_adapter_of_another_cell(workspace, monkeypatch, cap
     monkeypatch.chdir(workspace)
     if not (workspace / "models/adapters/lora/seed2/lr0.5").exists():
         assert train.main(stage_argv("train@lora-2-0.5")) == 0
-    shutil.copytree(workspace / "models/adapters/lora/seed2", workspace / "models/adapters/lora/seed5")
+    shutil.copytree(workspace / "models/adapters/lora/seed2/lr0.5", workspace / "models/selected/lora/seed5")
     _selection(workspace)
     monkeypatch.setattr(evaluate, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     assert evaluate.main(stage_argv("evaluate@lora-5")) == 1
     assert ("holds the adapter of variant, seed, lr multiple ('lora', 2, '0.5'), not ('lora', 5, '0.5'): "
-            "rerun train@lora-5-0.5") in capsys.readouterr().err
+            "rerun select@lora (it copies the chosen cell)") in capsys.readouterr().err

@@ -34,8 +34,14 @@ def write_params(root: Path, seeds, lr_grid, lr_selection="final_val_loss") -> N
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def write_curve(root: Path, variant: str, seed: int, label: str, val_losses) -> None:
-    """A curve whose steps validate with `val_losses` (None: no validation at that step)."""
+def write_curve(root: Path, variant: str, seed: int, label: str, val_losses, adapter: bool = True) -> None:
+    """A curve whose steps validate with `val_losses` (None: no validation at that step), and the cell's
+    adapter folder beside it (as its train stage writes both)."""
+    if adapter:
+        folder = root / "models/adapters" / variant / f"seed{seed}" / f"lr{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train_summary.json").write_text(json.dumps({"variant": variant, "seed": seed, "lr_multiple": label}))
+        (folder / "adapter.safetensors").write_bytes(f"{variant}/{seed}/{label}".encode())
     path = root / "reports/curves" / variant / f"seed{seed}-lr{label}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
@@ -172,3 +178,36 @@ def test_the_validation_schema_refuses_two_chosen_multiples_a_cell_twice_and_a_m
             (lambda df: df.assign(val_loss_min=[1.5, 2.0, 1.1, 2.0]), "min_not_above_final")):
         with pytest.raises(DataError, match=check):
             validate_validation(change(good))
+
+
+def test_the_chosen_cell_of_every_seed_is_copied_for_evaluate(workspace):
+    write_params(workspace, seeds=[0, 1], lr_grid=[0.5, 2])
+    for seed in (0, 1):
+        write_curve(workspace, "lora", seed, "0.5", [3.0, 2.9])
+        write_curve(workspace, "lora", seed, "2", [3.0, 2.5])
+    assert run_select()["lr_multiple"] == "2"
+    chosen = workspace / "models/selected/lora"
+    assert sorted(p.name for p in chosen.iterdir()) == ["seed0", "seed1"]
+    for seed in (0, 1):
+        assert (chosen / f"seed{seed}/adapter.safetensors").read_bytes() == f"lora/{seed}/2".encode()
+        assert json.loads((chosen / f"seed{seed}/train_summary.json").read_text())["lr_multiple"] == "2"
+
+
+def test_a_new_multiple_that_does_not_win_leaves_the_copies_byte_identical(workspace):
+    write_params(workspace, seeds=[0], lr_grid=[1])
+    write_curve(workspace, "lora", 0, "1", [3.0, 2.5])
+    run_select()
+    before = {p.relative_to(workspace): p.read_bytes() for p in (workspace / "models/selected").rglob("*") if p.is_file()}
+    write_params(workspace, seeds=[0], lr_grid=[1, 4])
+    write_curve(workspace, "lora", 0, "4", [3.0, 2.8])
+    assert run_select()["lr_multiple"] == "1"
+    after = {p.relative_to(workspace): p.read_bytes() for p in (workspace / "models/selected").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_missing_adapter_of_the_chosen_cell_names_its_train_stage_and_writes_nothing(workspace, capsys):
+    write_params(workspace, seeds=[0], lr_grid=[1])
+    write_curve(workspace, "lora", 0, "1", [3.0, 2.5], adapter=False)
+    assert select.main(stage_argv("select@lora")) == 1
+    assert "run train@lora-0-1" in capsys.readouterr().err
+    assert not (workspace / "reports/selection/lora.json").exists() and not (workspace / "models/selected").exists()

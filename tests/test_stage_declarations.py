@@ -134,7 +134,7 @@ def test_matrix_and_foreach_stage_names_resolve_their_params():
     assert "seed" in declared_params("evaluate@lora-2")
     assert stage_argv("train@vera-3-0.5")[:5] == ["vera", "--seed", "3", "--lr-multiple", "0.5"]
     assert "models/adapters/vera/seed3/lr0.5" in stage_argv("train@vera-3-0.5")
-    assert "models/adapters/lora/seed2" in stage_argv("evaluate@lora-2")
+    assert "models/selected/lora/seed2" in stage_argv("evaluate@lora-2")
 
 
 @pytest.mark.parametrize("stage, fragment", [
