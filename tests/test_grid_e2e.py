@@ -319,6 +319,32 @@ def test_a_poisoned_test_split_changes_no_selection(grid):
 
 
 # ----- a new lr multiple, run -------------------------------------------------------------------------
+def test_a_losing_lr_multiple_trains_its_cells_and_reruns_no_evaluation(grid):
+    """A multiple of 0.01 cannot win in 3 steps: its cells train, select reruns and copies the same
+    chosen cells, so no evaluate@ stage runs and every metrics file stays byte-identical (evaluate
+    depends on select's copy of the chosen cell, not on the seed's folder of cells)."""
+    path = grid["path"]
+    params_file = path / "params.yaml"
+    original = params_file.read_text()
+    before = {v: _selection(path, v)["lr_multiple"] for v in RUN}
+    metrics = {p: p.read_bytes() for p in (path / "reports/metrics").rglob("*.json")}
+    try:
+        params_file.write_text(yaml.safe_dump({**yaml.safe_load(original), "lr_grid": [*LR_GRID, 0.01]},
+                                              sort_keys=False))
+        out = _run(["dvc", "repro"], path, timeout=900)
+        ran = _ran(out.stdout + out.stderr)
+        assert {s for s in ran if s.startswith("train@")} == {f"train@{v}-{s}-0.01" for v in RUN for s in SEEDS}
+        assert {s for s in ran if s.startswith("select@")} == {f"select@{v}" for v in RUN}
+        assert not [s for s in ran if s.startswith("evaluate")], ran
+        assert {v: _selection(path, v)["lr_multiple"] for v in RUN} == before
+        assert {p: p.read_bytes() for p in (path / "reports/metrics").rglob("*.json")} == metrics
+    finally:
+        params_file.write_text(original)
+        out = _run(["dvc", "repro"], path, timeout=900)
+    assert not [s for s in _ran(out.stdout + out.stderr) if s.startswith(("train@", "evaluate"))]
+    assert _status(path) == {}
+
+
 def test_repro_with_a_new_lr_multiple_trains_its_cells_only_and_moves_the_selection_everywhere(grid):
     """Runs last (it leaves lr_grid [0.5, 2, 4] in the repository). `dvc repro` trains exactly the cells
     `dvc status` listed, none of the old multiples; then every file and MLflow agree on the chosen
@@ -347,6 +373,7 @@ def test_repro_with_a_new_lr_multiple_trains_its_cells_only_and_moves_the_select
 
     mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lora-variants"], filter_string="tags.stage = 'train'")
+    runs = runs[runs["tags.lr_multiple"] != "0.01"]  # (the losing multiple of the test before, no longer in the grid)
     assert len(runs) == len(RUN) * len(SEEDS) * 3  # the old cells were not trained again
     selected = sorted((r["tags.variant"], int(r["tags.seed"]), r["tags.lr_multiple"]) for _, r in runs.iterrows()
                       if r.get("tags.selected") == "true")
