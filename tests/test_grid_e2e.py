@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tiny_assets import save_tiny_model, small_pipeline_params
+from tiny_assets import project_repo, save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -76,21 +76,8 @@ def _cells():
 def grid(tmp_path_factory):
     base = tmp_path_factory.mktemp("grid")
     model_dir = save_tiny_model(base / "tiny-model")
-    repo = base / "repo"
-    repo.mkdir()
-    for item in ("variants", "pipeline", "dvc.yaml", ".dvcignore", ".gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / item)
     params = grid_params(model_dir)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["dvc", "init", "-q"], repo)
-    _run(["dvc", "config", "core.analytics", "false"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "init"], repo)
+    repo = project_repo(base / "repo", params, _run)
     first = _run(["dvc", "repro"], repo, timeout=1500)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "results"], repo)

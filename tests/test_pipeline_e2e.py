@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tiny_assets import save_tiny_model, small_pipeline_params
+from tiny_assets import project_repo, save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -42,20 +42,7 @@ def small_params(model_dir: Path) -> dict:
 def repo(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     model_dir = save_tiny_model(base / "tiny-model")
-    repo = base / "repo"
-    repo.mkdir()
-    for item in ("variants", "pipeline", "dvc.yaml", ".dvcignore", ".gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / item)
-    (repo / "params.yaml").write_text(yaml.safe_dump(small_params(model_dir), sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["dvc", "init", "-q"], repo)
-    _run(["dvc", "config", "core.analytics", "false"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "init"], repo)
+    repo = project_repo(base / "repo", small_params(model_dir), _run)
     first = _run(["dvc", "repro"], repo)
     # a user commits the results before experimenting (queued experiments start from HEAD)
     _run(["git", "add", "-A"], repo)

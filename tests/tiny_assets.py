@@ -72,3 +72,28 @@ def prepared_workspace(root: Path, params: dict) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+PROJECT_FILES = ("variants", "pipeline", "dvc.yaml", ".dvcignore", ".gitignore")
+
+
+def project_repo(repo: Path, params: dict, run) -> Path:
+    """A fresh git + DVC repository at `repo` holding this project's code and `params`, committed;
+    `run(args, cwd)` runs each command (the caller's, with its environment and time limits)."""
+    import shutil
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    repo.mkdir(parents=True, exist_ok=True)
+    for item in PROJECT_FILES:
+        src = root / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / item)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                 ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run(args, repo)
+    return repo
