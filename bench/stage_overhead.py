@@ -4,17 +4,17 @@ Overhead is everything a stage process spends outside the work it is there for: 
 start-up and imports, loading the base model and tokenizer, MLflow, writing outputs, exit.
 The compute a stage reports is read from its outputs:
 
-- train@<v>: `wall_seconds` of models/adapters/<v>/train_summary.json (training steps + validation);
-- evaluate@<v>, evaluate_base: `eval_seconds` of reports/metrics/<name>.json (eval loss + generation);
+- train@...: `wall_seconds` of train_summary.json in its --adapter folder (training steps + validation);
+- evaluate@..., evaluate_base: `eval_seconds` of its --metrics file (eval loss + generation);
 - any other stage (compare, focus, ...): none, its whole wall time counts.
 
-Each stage runs as DVC runs it (its `cmd:` from the checkout's dvc.yaml, `${key}` filled in,
+Each stage runs as DVC runs it (its `cmd:` from the checkout's dvc.yaml, foreach/matrix items filled in,
 cwd = the checkout), without DVC's own bookkeeping. Checkouts and stages are interleaved round
 by round, so background load hits them alike; the table gives the median and the range. The
 checkouts must be ready to run the stages (data/prepared, models/base, and for evaluate/compare
 the outputs of the stages before them).
 
-    python bench/stage_overhead.py --repo /tmp/before --repo . --stage train@lora --stage evaluate@lora \\
+    python bench/stage_overhead.py --repo /tmp/before --repo . --stage train@lora-0-1 --stage evaluate@lora-0 \\
         --stage evaluate_base --stage compare --rounds 3
 
 `--set train.steps=4 --set eval.max_new_tokens=4` shrinks the compute (not the overhead) so that
@@ -40,20 +40,30 @@ import yaml
 
 
 def stage_command(repo: Path, stage: str, params_file: Path | None = None) -> str:
-    """The `cmd:` DVC would run for `stage` (`name` or `name@key` of a foreach stage), reading
-    `params_file` instead of the checkout's params.yaml if given."""
+    """The `cmd:` DVC would run for `stage` (`name`, `name@key` of a foreach stage, or
+    `name@v1-v2-...` of a matrix stage), reading `params_file` instead of the checkout's
+    params.yaml if given. Resolved here, not with the checkout's code, so old checkouts work too."""
     name, _, key = stage.partition("@")
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     if name not in stages:
         raise SystemExit(f"{repo}/dvc.yaml has no stage {name!r} (stages: {', '.join(stages)})")
     entry = stages[name]
-    if "foreach" in entry:
+    values = {}
+    if "foreach" in entry or "matrix" in entry:
         if not key:
-            raise SystemExit(f"{name} is a foreach stage: name one of its items, e.g. {name}@lora")
-        entry = entry["do"]
-    cmd = " ".join(entry["cmd"].split()).replace("${key}", key)
+            raise SystemExit(f"{name} is a foreach/matrix stage: name one of its items, e.g. {name}@lora")
+        if "matrix" in entry:
+            dims = list(entry["matrix"])
+            parts = key.split("-", len(dims) - 1)  # only the last value (an lr multiple) may hold a '-'
+            if len(parts) != len(dims):
+                raise SystemExit(f"{stage}: a {name} stage is named {name}@{'-'.join(f'<{d}>' for d in dims)}")
+            values = {f"item.{d}": v for d, v in zip(dims, parts)}
+        else:
+            entry = entry["do"]
+            values = {"item": key, "key": key}
+    cmd = " ".join(entry["cmd"].split())
     params = yaml.safe_load((params_file or repo / "params.yaml").read_text())
-    cmd = re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), cmd)  # e.g. focus's ${variant}
+    cmd = re.sub(r"\$\{([\w.]+)\}", lambda m: str(values.get(m.group(1), params.get(m.group(1)))), cmd)
     return cmd + (f" --params {params_file}" if params_file else "")
 
 
@@ -80,13 +90,15 @@ def overridden_params(repo: Path, settings: list[str], folder: Path) -> Path | N
     return out
 
 
-def reported_compute(repo: Path, stage: str) -> float:
-    name, _, key = stage.partition("@")
-    if name == "train":
-        return json.loads((repo / f"models/adapters/{key}/train_summary.json").read_text())["wall_seconds"]
-    if name in ("evaluate", "evaluate_base"):
-        label = key if name == "evaluate" else "base"
-        return json.loads((repo / f"reports/metrics/{label}.json").read_text())["eval_seconds"]
+def reported_compute(repo: Path, stage: str, cmd: str) -> float:
+    """The compute the stage reports, found through the paths on its own command line (any layout)."""
+    words = cmd.split()
+    def path_of(flag: str) -> Path | None:
+        return repo / words[words.index(flag) + 1] if flag in words else None
+    if stage.startswith("train@") and path_of("--adapter"):
+        return json.loads((path_of("--adapter") / "train_summary.json").read_text())["wall_seconds"]
+    if stage.startswith("evaluate") and path_of("--metrics"):
+        return json.loads(path_of("--metrics").read_text())["eval_seconds"]
     return 0.0
 
 
@@ -105,7 +117,7 @@ def run_once(repo: Path, stage: str, params_file: Path | None = None) -> tuple[f
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{stage} failed in {repo} ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return wall, reported_compute(repo, stage), cpu
+    return wall, reported_compute(repo, stage, cmd), cpu
 
 
 def main(argv: list[str] | None = None) -> int:
