@@ -38,32 +38,24 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this project's pipeline package
+
 
 def stage_command(repo: Path, stage: str, params_file: Path | None = None) -> str:
     """The `cmd:` DVC would run for `stage` (`name`, `name@key` of a foreach stage, or
     `name@v1-v2-...` of a matrix stage), reading `params_file` instead of the checkout's
-    params.yaml if given. Resolved here, not with the checkout's code, so old checkouts work too."""
-    name, _, key = stage.partition("@")
+    params.yaml if given. Resolved with this project's pipeline.declared, which reads old
+    checkouts' dvc.yaml (foreach over a mapping) as well as the grid's."""
+    from pipeline.declared import UndeclaredParamError, stage_entry, substitute
+
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    if name not in stages:
-        raise SystemExit(f"{repo}/dvc.yaml has no stage {name!r} (stages: {', '.join(stages)})")
-    entry = stages[name]
-    values = {}
-    if "foreach" in entry or "matrix" in entry:
-        if not key:
-            raise SystemExit(f"{name} is a foreach/matrix stage: name one of its items, e.g. {name}@lora")
-        if "matrix" in entry:
-            dims = list(entry["matrix"])
-            parts = key.split("-", len(dims) - 1)  # only the last value (an lr multiple) may hold a '-'
-            if len(parts) != len(dims):
-                raise SystemExit(f"{stage}: a {name} stage is named {name}@{'-'.join(f'<{d}>' for d in dims)}")
-            values = {f"item.{d}": v for d, v in zip(dims, parts)}
-        else:
-            entry = entry["do"]
-            values = {"item": key, "key": key}
-    cmd = " ".join(entry["cmd"].split())
+    try:
+        entry, values = stage_entry(stage, stages, f"{repo}/dvc.yaml")
+    except UndeclaredParamError as err:
+        raise SystemExit(str(err)) from None
+    cmd = substitute(" ".join(entry["cmd"].split()), values)
     params = yaml.safe_load((params_file or repo / "params.yaml").read_text())
-    cmd = re.sub(r"\$\{([\w.]+)\}", lambda m: str(values.get(m.group(1), params.get(m.group(1)))), cmd)
+    cmd = re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), cmd)  # e.g. focus's ${variant}
     return cmd + (f" --params {params_file}" if params_file else "")
 
 

@@ -22,6 +22,12 @@ from dataclasses import dataclass
 
 from pipeline.params import LrPoint
 
+# select@<variant>'s validation table (reports/validation/<variant>.csv): one row per cell, and the
+# column each `lr_selection` criterion scores. Here, free of pandas, for the stage that writes it
+# (torch- and pandas-free) and the ones that read it (schemas, compare).
+VALIDATION_COLUMNS = ("variant", "seed", "lr_multiple", "lr", "val_loss_final", "val_loss_min", "chosen")
+CRITERION_COLUMN = {"final_val_loss": "val_loss_final", "min_val_loss": "val_loss_min"}
+
 
 @dataclass(frozen=True)
 class Cell:

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report as R
-from pipeline.cells import cells, find_point, seed_file
+from pipeline.cells import CRITERION_COLUMN, cells, find_point, seed_file
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.params import ParamsError
@@ -57,7 +57,6 @@ from pipeline.tracking import Tracker, git_commit, standard_tags
 BASELINE = "base"  # the base model's row: the name dvc.yaml's evaluate_base stage gives it
 REFERENCE = "lora"  # every quality and memory judgement is relative to plain LoRA
 TUTORIAL_7B = {"lora": "~15 GB", "qlora": "~6 GB"}
-CRITERION_COLUMN = {"final_val_loss": "val_loss_final", "min_val_loss": "val_loss_min"}
 # the measurements a variant's row averages over seeds (counts and bytes rounded back to integers)
 MEASURED = ("phoneme_error_rate", "exact_match", "eval_loss", "trainable_params", "trainable_percent", "adapter_bytes",
             "base_weight_bytes", "peak_memory_bytes", "training_memory_bytes", "train_seconds", "tokens_per_second",

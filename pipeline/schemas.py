@@ -27,6 +27,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
+from pipeline.cells import VALIDATION_COLUMNS
 from pipeline.errors import DataError
 
 __all__ = [
@@ -217,9 +218,6 @@ class ValidationTable(pa.DataFrameModel):
     class Config:
         strict = True
         coerce = True
-
-
-VALIDATION_COLUMNS = ("variant", "seed", "lr_multiple", "lr", "val_loss_final", "val_loss_min", "chosen")
 
 
 def validate_validation(df: pd.DataFrame) -> pd.DataFrame:

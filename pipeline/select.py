@@ -43,14 +43,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.cells import Cell, cells, seed_name
+from pipeline.cells import CRITERION_COLUMN, VALIDATION_COLUMNS, Cell, cells, seed_name
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
 from pipeline.params import ParamsError
 from pipeline.stage import start
-
-VALIDATION_COLUMNS = ("variant", "seed", "lr_multiple", "lr", "val_loss_final", "val_loss_min", "chosen")
-CRITERIA = {"final_val_loss": "val_loss_final", "min_val_loss": "val_loss_min"}
 
 
 def parse(argv: list[str] | None = None):
@@ -105,7 +102,7 @@ def select(variant: str, curves: Path, params) -> tuple[dict, list[dict]]:
                         f"{curves}: run {', '.join(c.stage for c in missing)} first")
     rows = [{"variant": variant, "seed": c.seed, "lr_multiple": c.lr.label, "lr": lr[c.lr.label],
              **read_validation(curves / c.curve, c)} for c in the_cells]
-    column = CRITERIA[criterion]
+    column = CRITERION_COLUMN[criterion]
     scores: dict[float, float | None] = {}
     for point in grid:
         values = [r[column] for r in rows if r["lr_multiple"] == point.label]
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     commit_outputs({args.selection: json.dumps(selection, indent=2, sort_keys=True) + "\n",
                     args.validation: validation_csv(rows)}, {args.chosen: copy_adapters(found)})
-    column = CRITERIA[selection["criterion"]]
+    column = CRITERION_COLUMN[selection["criterion"]]
     shown = ", ".join(f"x{r['lr_multiple']} seed {r['seed']}: {r[column]:.4f}" if r[column] is not None else
                       f"x{r['lr_multiple']} seed {r['seed']}: none" for r in rows)
     print(f"select@{args.variant}: lr multiple {selection['lr_multiple']} ({selection['criterion']}; {shown})",
