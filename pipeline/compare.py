@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report as R
+from pipeline import stats
 from pipeline.cells import CRITERION_COLUMN, cells, find_point, seed_file
 from pipeline.errors import DataError
 from pipeline.files import commit_outputs
@@ -104,11 +105,6 @@ def mean_row(rows: list[dict]) -> dict:
         mean = float(np.mean(values))
         out[key] = int(round(mean)) if key in INT_COLUMNS else mean
     return out
-
-
-def imported_variants(params) -> frozenset[str]:
-    """The variants of the run imported from a PEFT folder (`peft_adapter`): evaluated here, trained elsewhere."""
-    return frozenset(name for name in params.run if params.variants[name].peft_adapter is not None)
 
 
 def _read_json(path: Path, stage: str) -> dict:
@@ -252,7 +248,7 @@ def _numbers(row: dict) -> dict:
 def build_context(params, inputs: Inputs, g2p: bool, device: str, projs: dict, date: str, commit: str) -> dict:
     """The one context both templates render: numbers and derived judgements, no words."""
     methods = inputs.methods
-    imported = imported_variants(params)
+    imported = frozenset(name for name, m in methods.items() if m.imported)  # evaluated here, trained elsewhere
     rows = {name: m.row for name, m in methods.items()}
     quality = R.quality({name: m.predictions for name, m in methods.items()}, g2p, REFERENCE)
     margin = R.memory_margin({name: [r["training_memory_bytes"] for r in m.rows] for name, m in methods.items()
@@ -273,7 +269,7 @@ def build_context(params, inputs: Inputs, g2p: bool, device: str, projs: dict, d
     base = None
     if inputs.base is not None:
         table, lengths, _ = R.error_table([inputs.base_predictions], g2p, name=BASELINE)
-        base = {"name": BASELINE, "error": _interval(R.stats.hierarchical_bootstrap(table, lengths)),
+        base = {"name": BASELINE, "error": _interval(stats.hierarchical_bootstrap(table, lengths)),
                 **_numbers(inputs.base)}
     trained = [n for n in methods if n not in imported]
     by_name = {e["name"]: e for e in entries}
@@ -287,7 +283,7 @@ def build_context(params, inputs: Inputs, g2p: bool, device: str, projs: dict, d
         "n_test": next(iter(rows.values())).get("n_test", params.data.n_test),
         "seeds": list(params.seeds), "lr_grid": [p.label for p in params.lr_grid], "criterion": params.lr_selection,
         "methods": entries, "base": base,
-        "stats": {"samples": R.stats.BOOTSTRAP_SAMPLES, "seeds": quality.seeds, "alpha": R.ALPHA, "power": R.POWER,
+        "stats": {"samples": stats.BOOTSTRAP_SAMPLES, "seeds": quality.seeds, "alpha": R.ALPHA, "power": R.POWER,
                   "reference": quality.reference, "comparisons": len(quality.deltas),
                   "significant": sorted(n for n in quality.deltas if quality.significant(n)),
                   "detectable": (dict(zip(("median", "low", "high"), quality.detectable, strict=True))
