@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import full_precision_presets, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import variants
 from variants import io as vio
@@ -55,6 +55,33 @@ def test_merge_matches_forward_and_unmerge_restores_weights(name):
             rel = ((w - originals[n]).norm() / originals[n].norm()).item()
             assert rel <= 1e-6, f"{n}: relative round-trip error {rel}"
         assert torch.allclose(model(ids).logits, unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d"])
+def test_merge_gives_w0_plus_delta_as_new_storage_of_the_same_parameter(model_fn, tmp_path):
+    """A base loaded from safetensors is a private mapping of the file; the merge hands each weight
+    new memory (no write into the mapping) and keeps the Parameter, its layout and W0 + ΔW exactly."""
+    model = model_fn()
+    # every linear/Conv1D weight from the file (the tied output head stays as it is)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "w.safetensors")
+    model.load_state_dict(load_file(tmp_path / "w.safetensors"), assign=True, strict=False)
+    adapted = variants.build(model, {"preset": "lora", "r": 4})
+    randomize_adapter(adapted)
+    layers = adapted.layers.values()
+    params = {id(layer): layer.base_layer.weight for layer in layers}
+    expected = {id(layer): layer.base_weight() + layer.delta_weight() for layer in layers}
+    before = {id(layer): layer.base_layer.weight.data_ptr() for layer in layers}
+    strides = {id(layer): layer.base_layer.weight.stride() for layer in layers}
+    adapted.merge()
+    for layer in layers:
+        weight = layer.base_layer.weight
+        assert weight is params[id(layer)] and weight.stride() == strides[id(layer)]
+        assert weight.data_ptr() != before[id(layer)]
+        assert torch.equal(layer.base_weight(), expected[id(layer)])
+    # the file still holds W0
+    on_disk = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(on_disk[k], v) for k, v in model_fn().state_dict().items() if k in on_disk)
 
 
 def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs():
