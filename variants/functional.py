@@ -36,6 +36,7 @@ costs more than the GEMM that fills it (page faults of large allocations).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -351,6 +352,7 @@ def _vera_merged_native(w, lb, ld, A, B, fifo, out=None):
 FACTORED, MERGED, MERGED_KEPT = "factored", "merged", "merged_kept"
 
 
+@functools.lru_cache(maxsize=512)  # a pure function of shapes, asked on every call
 def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_backward: bool) -> str:
     """How a VeRA layer evaluates one call; costs in multiply-adds beyond the base GEMMs, divided by r.
 
@@ -370,6 +372,7 @@ def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_
     return min(costs, key=costs.get)
 
 
+@functools.lru_cache(maxsize=512)  # a pure function of shapes, asked on every call
 def lambda_grad_route(tokens: int, in_features: int, out_features: int, rank: int, projection_shared: bool) -> str:
     """How the merged plans' backward forms H = gᵀ x Aᵀ (out x r), which gives both λ gradients.
 
