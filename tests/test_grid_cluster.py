@@ -100,6 +100,7 @@ def test_plan_checks_name_the_bad_value(small_repo):
     assert [t.stages for t in plan.evaluate] == [(f"evaluate@{v}-{s}",) for v in RUN for s in SEEDS]
     assert plan.selects == tuple(f"select@{v}" for v in RUN)
     assert plan.remote == "shared" and plan.url == str(repo) and all(t.num_cpus == 1 for t in plan.train)
+    start = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     try:
         _edit_params(repo, lambda p: p["train"].update(lr="fast"))
         with pytest.raises(GridError, match=r"train\.lr must be a positive number, got 'fast'"):
@@ -119,7 +120,7 @@ def test_plan_checks_name_the_bad_value(small_repo):
         with pytest.raises(GridError, match=r"no default DVC remote"):
             grid_plan.plan(repo)
     finally:
-        _run(["git", "reset", "-q", "--hard", "HEAD"], repo)
+        _run(["git", "reset", "-q", "--hard", start], repo)
 
 
 def test_cli_fails_before_contacting_the_cluster(small_repo):
