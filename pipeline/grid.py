@@ -27,6 +27,7 @@ failed cell and why (the other cells still run); 2 when a check fails before any
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -102,35 +103,45 @@ def _failed(results: dict[str, dict]) -> dict[str, str]:
 
 
 def run(plan: Plan, address: str, workers: int | None, retries: int, workdir: str | None,
-        cell_timeout: float | None) -> int:
+        cell_timeout: float | None, timings: str | None = None) -> int:
     from pipeline import grid_dispatch, grid_tracking
 
     repo = plan.repo
     started = time.monotonic()
     grid_dispatch.connect(address, workers)
     failures: dict[str, str] = {}
+    record: dict = {"cells": {}, "head": {}}
     try:
         print(f"[grid] head: {', '.join(grid_plan.UPSTREAM)} (here), then pushed to DVC remote '{plan.remote}'",
               flush=True)
+        t0 = time.monotonic()
         _dvc(repo, "repro", "--pull", *grid_plan.UPSTREAM, what="the upstream stages")
         _dvc(repo, "push", "--run-cache", *grid_plan.UPSTREAM, what=f"pushing to the DVC remote '{plan.remote}'")
+        record["head"]["upstream"] = time.monotonic() - t0
 
         _dvc(repo, "fetch", "--run-cache", "--quiet", *grid_plan.UPSTREAM, what="reading the remote's run-cache")
         grid_tracking.ensure_experiment(plan.tracking_uri, plan.experiment)
         env = {"MLFLOW_DISABLE_TELEMETRY": "true"}
         wave = dict(workdir=workdir, cell_timeout=cell_timeout, retries=retries, env=env)
+        t0 = time.monotonic()
         results = _wave("wave 1 (training)", plan.train, plan, repo, wave)
+        record["head"]["wave 1"] = time.monotonic() - t0
         failures.update(_failed(results))
 
         bad_variants = {plan.cells[name][0] for name in failures if name in plan.cells}
         selects = [s for s in plan.selects if s.split("@", 1)[1] not in bad_variants]
+        t0 = time.monotonic()
         if selects:
             print(f"[grid] head: {', '.join(selects)}", flush=True)
             _dvc(repo, "repro", "--pull", *selects, what="the selections")
             _dvc(repo, "push", "--run-cache", *selects, what="pushing the selections")
+        record["head"]["selects"] = time.monotonic() - t0
         evaluate = [t for t in plan.evaluate if t.stages[0].split("@", 1)[1].rsplit("-", 1)[0] not in bad_variants]
+        t0 = time.monotonic()
         results2 = _wave("wave 2 (evaluation)", evaluate, plan, repo, wave)
+        record["head"]["wave 2"] = time.monotonic() - t0
         failures.update(_failed(results2))
+        record["cells"] = {**results, **results2}
 
         # a cell retried after a dead worker: its unfinished run goes (the finished one stays)
         good = [n for n, r in {**results, **results2}.items() if r["ok"]]
@@ -141,7 +152,9 @@ def run(plan: Plan, address: str, workers: int | None, retries: int, workdir: st
         if failures:
             return _summary(failures, started, plan)
         print("[grid] head: dvc repro --pull (every cell from the run-cache; compare and focus run here)", flush=True)
+        t0 = time.monotonic()
         output = _dvc(repo, "repro", "--pull", what="the final dvc repro")
+        record["head"]["final repro"] = time.monotonic() - t0
         here = ran(output)
         print(f"[grid] head ran: {', '.join(here) or 'nothing'}", flush=True)
         stray = [s for s in here if s.startswith(("train@", "evaluate@", "evaluate_base"))]
@@ -155,6 +168,10 @@ def run(plan: Plan, address: str, workers: int | None, retries: int, workdir: st
         return _summary(failures, started, plan)
     finally:
         grid_dispatch.shutdown()
+        if timings:
+            record["head"]["total"] = time.monotonic() - started
+            record["failures"] = failures
+            Path(timings).write_text(json.dumps(record, indent=1, default=str))
 
 
 def _wave(label: str, tasks: tuple[Task, ...] | list[Task], plan: Plan, repo: Path, options: dict) -> dict:
@@ -191,6 +208,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--retries", type=int, default=2, help="retries of a cell whose worker died (default 2)")
     ap.add_argument("--workdir", default=None, help="where workers make their clones (default: their temp dir)")
     ap.add_argument("--cell-timeout", type=float, default=None, help="seconds after which a cell is killed and failed")
+    ap.add_argument("--timings", default=None, help="write each cell's result and phase times (JSON) to this file")
     ap.add_argument("--plan", action="store_true", help="print the checked plan and exit (dispatches nothing)")
     args = ap.parse_args(argv)
     if args.workers is not None and (args.workers < 1 or args.address != "local"):
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {task.name}: {task.num_cpus:g} CPU, {task.num_gpus:g} GPU")
         return 0
     try:
-        return run(plan, args.address, args.workers, args.retries, args.workdir, args.cell_timeout)
+        return run(plan, args.address, args.workers, args.retries, args.workdir, args.cell_timeout, args.timings)
     except GridError as err:
         print(f"grid: {err}", file=sys.stderr)
         return 2

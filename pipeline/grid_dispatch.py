@@ -89,7 +89,9 @@ def run_wave(label: str, tasks: Sequence[Task], url: str, commit: str, env: dict
             result["roundtrip"] = time.monotonic() - submitted[task.name]
             results[task.name] = result
             state = "done" if result["ok"] else f"FAILED: {result['error']}"
-            print(f"[grid] {task.name} on {result.get('host', '?')}: {state} ({result['roundtrip']:.0f} s)", flush=True)
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items() if k != "total")
+            print(f"[grid] {task.name} on {result.get('host', '?')}: {state} ({result['roundtrip']:.1f} s round trip; "
+                  f"{phases or 'no phase timed'})", flush=True)
         done = sum(r["ok"] for r in results.values())
         print(_line(label, done, len(results) - done, len(tasks), started), flush=True)
     return results

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -184,16 +186,6 @@ def test_why_and_stage_seconds_read_dvc_output():
 
 
 # ----- the grid on a two-node Ray cluster --------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def ray_extra():
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        if os.environ.get("LORA_REQUIRE_CLUSTER_EXTRA") == "1":
-            pytest.fail("LORA_REQUIRE_CLUSTER_EXTRA=1 but ray is not installed: pip install -e '.[cluster]'")
-        pytest.skip("the optional extra .[cluster] (ray) is not installed")
-
-
 class _Killer(threading.Thread):
     """SIGKILLs the Ray worker of the first training cell whose MLflow run is RUNNING (so the killed
     attempt has left a run behind), once."""
@@ -204,7 +196,7 @@ class _Killer(threading.Thread):
         self.killed: str | None = None
         self.stop = threading.Event()
 
-    def _target(self):
+    def _find(self):
         for proc in psutil.process_iter(["cmdline", "cwd"]):
             try:
                 cmd = proc.info["cmdline"] or []
@@ -228,7 +220,7 @@ class _Killer(threading.Thread):
                                                      "attributes.status = 'RUNNING'")
             except Exception:
                 continue
-            found = self._target() if running else None
+            found = self._find() if running else None
             if found:
                 cmd, worker = found
                 cell = cmd[cmd.index("pipeline.train") + 1:]
@@ -242,7 +234,9 @@ def grid_run(ray_extra, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("grid-cluster")
     model_dir = save_tiny_model(base / "tiny-model")
-    with MlflowServer(base / "mlflow") as server, RayCluster(base / "ray", nodes=2, cpus=1) as cluster:
+    # Ray's unix sockets live below its temp dir, and their paths must stay under 108 bytes
+    ray_dir = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))
+    with MlflowServer(base / "mlflow") as server, RayCluster(ray_dir, nodes=2, cpus=1) as cluster:
         repo = _grid_repo(base / "repo", _params(model_dir, server.uri), base / "remote")
         killer = _Killer(server.uri, base / "cells")
         killer.start()
@@ -259,6 +253,7 @@ def grid_run(ray_extra, tmp_path_factory):
         client = MlflowClient(server.uri)
         exp = client.get_experiment_by_name("lora-variants")
         runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    shutil.rmtree(ray_dir, ignore_errors=True)
     # the same params on one machine, no cluster, no tracking (it records, it does not compute)
     reference = project_repo(base / "single", _params(model_dir, None), _run)
     single = _run(["dvc", "repro"], reference)
