@@ -253,22 +253,39 @@ def grid_run(ray_extra, tmp_path_factory):
         client = MlflowClient(server.uri)
         exp = client.get_experiment_by_name("lora-variants")
         runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+        # A second grid on the same remote: seed 0 only, and LoRA's lr so large that its loss is not
+        # finite. lora_fa's cells and evaluate_base are in the run-cache already (not dispatched);
+        # train@lora-0-1 fails by itself (not retried), lora_fa still gets selected and evaluated.
+        failing = _params(model_dir, server.uri)
+        failing["seeds"] = [0]
+        failing["variants"]["lora"]["lr"] = 1.0e30
+        failing_repo = _grid_repo(base / "failing", failing, base / "remote")
+        second = _run([sys.executable, "-m", "pipeline.grid", "--address", cluster.address], failing_repo,
+                      check=False, env=ray_client_env())
     shutil.rmtree(ray_dir, ignore_errors=True)
     # the same params on one machine, no cluster, no tracking (it records, it does not compute)
     reference = project_repo(base / "single", _params(model_dir, None), _run)
     single = _run(["dvc", "repro"], reference)
     return {"done": done, "repo": repo, "reference": reference, "runs": runs, "killed": killer.killed,
-            "seconds": seconds, "single": single.stdout}
+            "seconds": seconds, "single": single.stdout, "second": second, "failing_repo": failing_repo}
+
+
+MEASURED = re.compile(r"seconds|per_second|memory|bytes")  # time and memory: they differ from run to run
+
+
+def _drop_measured(value):
+    if isinstance(value, dict):
+        return {k: _drop_measured(v) for k, v in value.items() if not MEASURED.search(k)}
+    if isinstance(value, list):
+        return [_drop_measured(v) for v in value]
+    return value
 
 
 def _quality(path: Path) -> dict:
-    """Every metrics file's numbers that do not measure time or memory."""
-    out = {}
-    for file in sorted((path / "reports/metrics").rglob("*.json")) + [path / "reports/focus.json"]:
-        values = json.loads(file.read_text())
-        out[str(file.relative_to(path))] = {k: v for k, v in values.items()
-                                            if not re.search(r"seconds|per_second|memory|bytes", k)}
-    return out
+    """Every metrics file (and focus.json), without the entries that measure time or memory."""
+    files = sorted((path / "reports/metrics").rglob("*.json")) + [path / "reports/focus.json"]
+    return {str(f.relative_to(path)): _drop_measured(json.loads(f.read_text())) for f in files}
 
 
 def test_grid_completes_after_a_killed_worker(grid_run):
@@ -324,3 +341,21 @@ def test_mlflow_holds_each_cell_once(grid_run):
         assert json.loads((folder / "mlflow.json").read_text())["run_id"] == r.info.run_id
         assert "phoneme_error_rate" in r.data.metrics or "exact_match" in r.data.metrics
 
+
+
+def test_a_failing_cell_is_named_and_the_others_finish(grid_run):
+    done = grid_run["second"]
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 1, out[-3000:] + err[-3000:]
+    # cells the first grid left in the remote's run-cache are not dispatched again
+    assert "wave 1 (training): 2 cell(s) already in the run-cache, not dispatched: evaluate_base, " \
+           "train@lora_fa-0-1" in out, out[-4000:]
+    assert "wave 2 (evaluation): 1 cell(s) already in the run-cache, not dispatched: evaluate@lora_fa-0" in out
+    # the failed cell, named with its own error line, once (a deterministic failure is not retried)
+    assert re.search(r"^  train@lora-0-1: train@lora-0-1: lora: (loss|gradient norm) is (nan|inf)", err, re.M), err
+    assert len(re.findall(r"\[grid\] train@lora-0-1 on \S+: FAILED", out)) == 1, out
+    assert "select@lora_fa" in out and "select@lora " not in out  # the variant whose cells all ran goes on
+    repo = grid_run["failing_repo"]
+    assert (repo / "reports/selection/lora_fa.json").exists() and not (repo / "reports/selection/lora.json").exists()
+    assert not (repo / "reports/metrics/lora").exists()
+    assert "head: dvc repro --pull" not in out  # no report from an incomplete grid
