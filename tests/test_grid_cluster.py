@@ -230,45 +230,61 @@ class _Killer(threading.Thread):
 
 @pytest.fixture(scope="module")
 def grid_run(ray_extra, tmp_path_factory):
-    from grid_services import MlflowServer, RayCluster, ray_client_env
+    from grid_services import MlflowServer, RayCluster
 
     base = tmp_path_factory.mktemp("grid-cluster")
     model_dir = save_tiny_model(base / "tiny-model")
     # Ray's unix sockets live below its temp dir, and their paths must stay under 108 bytes
     ray_dir = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))
-    with MlflowServer(base / "mlflow") as server, RayCluster(ray_dir, nodes=2, cpus=1) as cluster:
-        repo = _grid_repo(base / "repo", _params(model_dir, server.uri), base / "remote")
-        killer = _Killer(server.uri, base / "cells")
-        killer.start()
-        started = time.monotonic()
-        try:
-            done = _run([sys.executable, "-m", "pipeline.grid", "--address", cluster.address, "--workdir",
-                         str(base / "cells")], repo, check=False, env=ray_client_env())
-        finally:
-            killer.stop.set()
-            killer.join(timeout=10)
-        seconds = time.monotonic() - started
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(server.uri)
-        exp = client.get_experiment_by_name("lora-variants")
-        runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
-
-        # A second grid on the same remote: seed 0 only, and LoRA's lr so large that its loss is not
-        # finite. lora_fa's cells and evaluate_base are in the run-cache already (not dispatched);
-        # train@lora-0-1 fails by itself (not retried), lora_fa still gets selected and evaluated.
-        failing = _params(model_dir, server.uri)
-        failing["seeds"] = [0]
-        failing["variants"]["lora"]["lr"] = 1.0e30
-        failing_repo = _grid_repo(base / "failing", failing, base / "remote")
-        second = _run([sys.executable, "-m", "pipeline.grid", "--address", cluster.address], failing_repo,
-                      check=False, env=ray_client_env())
-    shutil.rmtree(ray_dir, ignore_errors=True)
-    # the same params on one machine, no cluster, no tracking (it records, it does not compute)
+    # the same params on one machine, no cluster, no tracking (it records, it does not compute); it runs
+    # beside the grid, whose head mostly waits for its workers
     reference = project_repo(base / "single", _params(model_dir, None), _run)
-    single = _run(["dvc", "repro"], reference)
-    return {"done": done, "repo": repo, "reference": reference, "runs": runs, "killed": killer.killed,
-            "seconds": seconds, "single": single.stdout, "second": second, "failing_repo": failing_repo}
+    with open(base / "single.log", "w") as log:
+        single = subprocess.Popen(["dvc", "repro"], cwd=reference, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        with MlflowServer(base / "mlflow") as server, RayCluster(ray_dir, nodes=2, cpus=1) as cluster:
+            grid = _grids(base, model_dir, server, cluster)
+        single.wait(timeout=TIMEOUT)
+        single_out = (base / "single.log").read_text()
+        assert single.returncode == 0, single_out[-5000:]
+    finally:
+        if single.poll() is None:
+            os.killpg(single.pid, signal.SIGKILL)
+            single.wait()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return {**grid, "reference": reference, "single": single_out}
+
+
+def _grids(base: Path, model_dir: Path, server, cluster) -> dict:
+    from grid_services import ray_client_env
+
+    repo = _grid_repo(base / "repo", _params(model_dir, server.uri), base / "remote")
+    killer = _Killer(server.uri, base / "cells")
+    killer.start()
+    try:
+        done = _run([sys.executable, "-m", "pipeline.grid", "--address", cluster.address, "--workdir",
+                     str(base / "cells")], repo, check=False, env=ray_client_env())
+    finally:
+        killer.stop.set()
+        killer.join(timeout=10)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("lora-variants")
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+    # A second grid on the same remote: seed 0 only, and LoRA's lr so large that its loss is not
+    # finite. lora_fa's cells and evaluate_base are in the run-cache already (not dispatched);
+    # train@lora-0-1 fails by itself (not retried), lora_fa still gets selected and evaluated.
+    failing = _params(model_dir, server.uri)
+    failing["seeds"] = [0]
+    failing["variants"]["lora"]["lr"] = 1.0e30
+    failing_repo = _grid_repo(base / "failing", failing, base / "remote")
+    second = _run([sys.executable, "-m", "pipeline.grid", "--address", cluster.address], failing_repo,
+                  check=False, env=ray_client_env())
+    return {"done": done, "repo": repo, "runs": runs, "killed": killer.killed, "second": second,
+            "failing_repo": failing_repo}
 
 
 MEASURED = re.compile(r"seconds|per_second|memory|bytes")  # time and memory: they differ from run to run
@@ -321,6 +337,8 @@ def test_metrics_equal_a_single_machine_repro(grid_run):
     for variant in RUN:
         path = f"reports/selection/{variant}.json"
         assert json.loads((grid_run["repo"] / path).read_text()) == json.loads((grid_run["reference"] / path).read_text())
+        path = f"reports/validation/{variant}.csv"  # every cell's validation losses, to the last digit
+        assert (grid_run["repo"] / path).read_text() == (grid_run["reference"] / path).read_text()
     _run(["dvc", "status", "--quiet"], grid_run["repo"])  # nothing left to run
 
 
