@@ -89,6 +89,8 @@ def run_wave(label: str, tasks: Sequence[Task], url: str, commit: str, env: dict
             result["roundtrip"] = time.monotonic() - submitted[task.name]
             results[task.name] = result
             state = "done" if result["ok"] else f"FAILED: {result['error']}"
+            if result.get("log"):
+                state += f" (its log: {result['log']} on that node)"
             phases = ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items() if k != "total")
             print(f"[grid] {task.name} on {result.get('host', '?')}: {state} ({result['roundtrip']:.1f} s round trip; "
                   f"{phases or 'no phase timed'})", flush=True)
