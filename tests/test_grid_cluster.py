@@ -304,6 +304,7 @@ def _quality(path: Path) -> dict:
     return {str(f.relative_to(path)): _drop_measured(json.loads(f.read_text())) for f in files}
 
 
+@pytest.mark.slow
 def test_grid_completes_after_a_killed_worker(grid_run):
     done = grid_run["done"]
     log = done.stdout + done.stderr
@@ -321,6 +322,7 @@ def test_grid_completes_after_a_killed_worker(grid_run):
     assert len(nodes) == 2, nodes  # the cells crossed a node boundary
 
 
+@pytest.mark.slow
 def test_final_repro_runs_no_training_or_evaluation(grid_run):
     log = grid_run["done"].stdout
     final = log[log.index("[grid] head: dvc repro --pull"):]
@@ -330,6 +332,7 @@ def test_final_repro_runs_no_training_or_evaluation(grid_run):
     assert len(re.findall(r"Running stage 'train@", grid_run["single"])) == len(RUN) * len(SEEDS)
 
 
+@pytest.mark.slow
 def test_metrics_equal_a_single_machine_repro(grid_run):
     grid, single = _quality(grid_run["repo"]), _quality(grid_run["reference"])
     assert len(grid) == len(RUN) * len(SEEDS) + 2  # every cell, the base, the focus
@@ -342,6 +345,7 @@ def test_metrics_equal_a_single_machine_repro(grid_run):
     _run(["dvc", "status", "--quiet"], grid_run["repo"])  # nothing left to run
 
 
+@pytest.mark.slow
 def test_mlflow_holds_each_cell_once(grid_run):
     runs = grid_run["runs"]
     train = [r for r in runs if r.data.tags.get("stage") == "train"]
@@ -361,6 +365,7 @@ def test_mlflow_holds_each_cell_once(grid_run):
 
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_named_and_the_others_finish(grid_run):
     done = grid_run["second"]
     out, err = done.stdout, done.stderr
