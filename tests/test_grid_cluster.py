@@ -143,6 +143,20 @@ def test_cli_fails_before_contacting_the_cluster(small_repo):
     assert done.returncode == 2 and "tracking.uri http://127.0.0.1:9 is unreachable" in done.stderr, done.stderr
 
 
+def test_resources_per_cell():
+    """A training cell asks for one GPU per torchrun process on CUDA, that many CPUs otherwise; an
+    evaluation is one process."""
+    from types import SimpleNamespace
+
+    def params(device):
+        return SimpleNamespace(train=SimpleNamespace(device=device, distributed=SimpleNamespace(nproc_per_node=4)))
+
+    assert grid_plan.resources(params("cuda"), "train") == (1, 4)
+    assert grid_plan.resources(params("cuda"), "evaluate") == (1, 1)
+    assert grid_plan.resources(params("cpu"), "train") == (4, 0)
+    assert grid_plan.resources(params("auto"), "evaluate") == (1, 0)
+
+
 def test_unreachable_tracking_server_is_named():
     from grid_services import free_port
 
