@@ -8,9 +8,10 @@ of one CPU each. Per training cell, from the head's timings (`python -m pipeline
 - round trip: submitted by the head -> result back (queueing in the cluster included);
 - stage: the stage's own command as DVC ran it on the worker (process start, model load, training);
 - training: `wall_seconds` of the cell's train_summary.json (the steps and validation alone);
-- overhead: round trip - stage - time queued; queued is not known to the head, so the table gives
-  the worker's own clone + `dvc repro --pull` bookkeeping + push (repro - stage + clone + push),
-  and the head's pull (the final `dvc repro --pull`) shared over the cells.
+- overhead: what the grid adds to the stage itself: the worker's clone, `dvc repro --pull`
+  bookkeeping (restoring the upstream from the run-cache) and push (clone + repro - stage + push),
+  plus the head's pull (its final `dvc repro --pull`) shared over the cells. The round trip also
+  holds the time a cell waits for a free worker, which the head cannot tell apart.
 
     .venv/bin/python bench/grid.py                 # 1 and 2 workers, ~5 min on 2 cores
     .venv/bin/python bench/grid.py --workers 2     # one setting
@@ -95,18 +96,22 @@ def main() -> None:
     print(f"\n2 methods x 2 seeds, lr_grid [1], train.steps {args.steps}; 4 training + 5 evaluation cells; "
           f"{os.cpu_count()} cores\n")
     print("| Ray workers | grid wall s | head: upstream / wave 1 / selects / wave 2 / final repro s | "
-          "train cell median: round trip / stage / training s | worker overhead s | head pull s per cell | "
-          "overhead / stage | overhead / training |")
-    print("|---|---|---|---|---|---|---|---|")
+          "train cell median: round trip / stage / training s | overhead per cell: worker + head pull = s | "
+          "overhead / stage |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         h = r["head"]
         rt, st, tr = (med(x[k] for x in r["rows"]) for k in ("round trip", "stage", "training"))
-        over = med(x["worker overhead"] for x in r["rows"]) + r["pull per cell"]
+        worker = med(x["worker overhead"] for x in r["rows"])
+        over = worker + r["pull per cell"]
         print(f"| {r['workers']} | {r['wall']:.0f} | {h['upstream']:.0f} / {h['wave 1']:.0f} / {h['selects']:.0f} / "
-              f"{h['wave 2']:.0f} / {h['final repro']:.0f} | {rt:.1f} / {st:.1f} / {tr:.1f} | "
-              f"{med(x['worker overhead'] for x in r['rows']):.1f} | {r['pull per cell']:.1f} | {over / st:.0%} | "
-              f"{over / tr:.0%} |")
-
+              f"{h['wave 2']:.0f} / {h['final repro']:.0f} | {rt:.1f} / {st:.1f} / {tr:.2f} | "
+              f"{worker:.1f} + {r['pull per cell']:.1f} = {over:.1f} | {over / st:.0%} |")
+    print("\nround trip includes the time a cell waits for a free worker; stage: the stage's process as DVC ran it "
+          "(start-up, model load, training); training: the steps alone (train_summary.json wall_seconds). "
+          "For a cell of ~45 s (README's GPU estimate) the same overhead is "
+          + ", ".join(f"{(r['pull per cell'] + med(x['worker overhead'] for x in r['rows'])) / 45:.0%}"
+                      for r in results) + ".")
 
 if __name__ == "__main__":
     main()
