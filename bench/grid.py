@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,9 +60,16 @@ def one(workers: int, steps: int, base: Path) -> dict:
                                    {name: {} for name in RUN}, steps=steps)
     params.update(seeds=SEEDS, lr_grid=[1])
     ray_dir = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        return _measure(workers, base, params, repo_dir=base / "repo", ray_dir=ray_dir)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _measure(workers: int, base: Path, params: dict, repo_dir: Path, ray_dir: Path) -> dict:
     with MlflowServer(base / "mlflow") as server, RayCluster(ray_dir, nodes=workers, cpus=1) as cluster:
         params["tracking"] = {**params["tracking"], "uri": server.uri}
-        repo = project_repo(base / "repo", params, _run)
+        repo = project_repo(repo_dir, params, _run)
         _run(["dvc", "remote", "add", "-d", "shared", str(base / "remote")], repo)
         _run(["git", "commit", "-qam", "remote"], repo)
         started = time.monotonic()

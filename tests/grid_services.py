@@ -35,13 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray 2.60 turns token authentication on for every `ray start` of a machine once ~/.ray/auth_token
+# exists (a plain `ray.init()` writes it): the test cluster and its drivers keep it off either way.
+RAY_AUTH = {"RAY_AUTH_MODE": "disabled"}
+
+
 def ray_client_env() -> dict[str, str]:
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_AUTH}
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0"}
+            "RAY_USAGE_STATS_ENABLED": "0", **RAY_AUTH}
 
 
 class RayCluster:
