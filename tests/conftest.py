@@ -126,3 +126,17 @@ def _no_inherited_mlflow_uri(monkeypatch):
     # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a test that called it must not
     # redirect the stores of the tests after it.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def ray_extra():
+    """Ray, the optional extra `.[cluster]` of the grid across machines. A fresh `make test` has no Ray,
+    so the cluster tests skip there; .ci/run installs the extra and sets LORA_REQUIRE_CLUSTER_EXTRA=1,
+    which turns a missing Ray into a failure: in CI these tests always run."""
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("LORA_REQUIRE_CLUSTER_EXTRA") == "1":
+            pytest.fail("LORA_REQUIRE_CLUSTER_EXTRA=1 but ray is not installed: pip install -e '.[cluster]'")
+        pytest.skip("the optional extra .[cluster] (ray) is not installed")
+    return ray
