@@ -29,9 +29,8 @@ def _client(uri: str):
 
 
 def ensure_experiment(uri: str | None, experiment: str) -> None:
-    """Create the experiment on the server, with the server's own artifact store, before any worker
-    does: a stage would create it with an artifact folder inside its clone (pipeline/tracking.py's
-    local default), which the worker deletes."""
+    """Create the experiment on the server (with the server's own artifact store) once, before the
+    workers' first stages would race to create it."""
     if uri is None:
         return
     client = _client(uri)

@@ -76,7 +76,12 @@ def default_uri() -> str:
     return f"sqlite:///{Path(repo_root()) / 'mlflow.db'}"
 
 
-def artifact_root() -> str:
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: <repo>/mlartifacts for a store inside the
+    repository (sqlite); a tracking server's own artifact store otherwise (None: the server's
+    default), since a folder of this checkout is not where the server's other clients look."""
+    if uri.startswith(("http://", "https://")):
+        return None
     return (Path(repo_root()) / "mlartifacts").as_uri()
 
 
@@ -200,7 +205,7 @@ class Tracker:
         if enabled:
             try:
                 worker = _worker()
-                self.experiment_id = worker.call("connect", self.uri, experiment, artifact_root())
+                self.experiment_id = worker.call("connect", self.uri, experiment, artifact_root(self.uri))
                 self._client = worker
             except Exception as err:  # any failure to reach the store: warn once, go on
                 _warn_once(f"{_describe(err)} ({self.uri})")

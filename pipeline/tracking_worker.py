@@ -32,8 +32,9 @@ class Store:
         self.key: tuple[str, str] | None = None
         self.experiment_id: str | None = None
 
-    def connect(self, uri: str, experiment: str, artifact_location: str) -> str:
-        """The id of `experiment` in the store at `uri` (created with `artifact_location` if new)."""
+    def connect(self, uri: str, experiment: str, artifact_location: str | None) -> str:
+        """The id of `experiment` in the store at `uri` (created with `artifact_location` if new;
+        None: the store's default)."""
         if self.key == (uri, experiment):
             return self.experiment_id
         client = self._client_class(tracking_uri=uri)

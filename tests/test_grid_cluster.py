@@ -297,8 +297,15 @@ def _grids(base: Path, model_dir: Path, server, cluster) -> dict:
     failing_repo = _grid_repo(base / "failing", failing, base / "remote")
     second = _run([sys.executable, "-m", "pipeline.grid", "--address", cluster.address], failing_repo,
                   check=False, env=ray_client_env())
+    # A stage that meets a new experiment on the server creates it with the server's artifact store,
+    # not a folder of its own checkout (which the server's other clients cannot read)
+    from pipeline.tracking import Tracker
+
+    Tracker(True, "created-by-a-stage", server.uri)
+    created = client.get_experiment_by_name("created-by-a-stage")
     return {"done": done, "repo": repo, "runs": runs, "killed": killer.killed, "second": second,
-            "failing_repo": failing_repo}
+            "failing_repo": failing_repo, "stage_created_artifacts": created.artifact_location if created else None,
+            "server_default_artifacts": exp.artifact_location if exp else None}
 
 
 MEASURED = re.compile(r"seconds|per_second|memory|bytes")  # time and memory: they differ from run to run
@@ -377,6 +384,14 @@ def test_mlflow_holds_each_cell_once(grid_run):
         assert json.loads((folder / "mlflow.json").read_text())["run_id"] == r.info.run_id
         assert "phoneme_error_rate" in r.data.metrics or "exact_match" in r.data.metrics
 
+
+
+@pytest.mark.slow
+def test_an_experiment_a_stage_creates_on_a_server_keeps_artifacts_there(grid_run):
+    location = grid_run["stage_created_artifacts"]
+    assert location is not None and not location.startswith("file:"), location
+    # the same store as the experiment the grid's head created with the server's defaults
+    assert location.split("/")[0] == grid_run["server_default_artifacts"].split("/")[0] == "mlflow-artifacts:"
 
 
 @pytest.mark.slow
