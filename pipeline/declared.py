@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.params import Params, ParamsError
+from pipeline.params import SAFE_LOADER, Params, ParamsError
 
 # The dvc.yaml that ships with this code (the project root): the stage scripts and their
 # declarations always come from the same checkout, also in DVC's temporary experiment copies.
@@ -38,7 +38,7 @@ def declared_params(stage: str, dvc_yaml: str | os.PathLike = DVC_YAML) -> tuple
     """The params.yaml keys that dvc.yaml declares for `stage` ("train@lora-0-1", "select@lora", "compare", ...)."""
     dvc_yaml = Path(dvc_yaml)
     try:
-        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+        stages = (yaml.load(dvc_yaml.read_text(encoding="utf-8"), Loader=SAFE_LOADER) or {}).get("stages") or {}
     except OSError as err:
         raise UndeclaredParamError(f"cannot read the stage declarations in {dvc_yaml}: {err}") from None
     entry, values = stage_entry(stage, stages, dvc_yaml.name)

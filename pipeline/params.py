@@ -40,6 +40,10 @@ LR_SELECTIONS = ("final_val_loss", "min_val_loss")
 # keys of a variants.<name> entry that belong to the pipeline, not to the adapter spec
 VARIANT_PIPELINE_KEYS = ("lr", "peft_adapter")
 
+# libyaml's safe loader when PyYAML was built with it (the wheels are): the same documents, ~10x faster
+# than the pure-Python one (every stage reads params.yaml and dvc.yaml at start)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message names the key path and the bad value."""
@@ -204,7 +208,7 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, adapter_specs: bool = Tru
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return params_from_dict(raw, str(path.name), adapter_specs)

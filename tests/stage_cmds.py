@@ -10,13 +10,14 @@ from pathlib import Path
 import yaml
 
 from pipeline.declared import stage_entry, substitute
+from pipeline.params import SAFE_LOADER
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_cmd(stage: str, variant: str = "lora", dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
     """The resolved `cmd:` of `stage` ("train@lora-0-1", "select@lora", "evaluate_base", ...) as an argument list."""
-    entry, values = stage_entry(stage, yaml.safe_load(dvc_yaml.read_text())["stages"])
+    entry, values = stage_entry(stage, yaml.load(dvc_yaml.read_text(), Loader=SAFE_LOADER)["stages"])
     cmd = substitute(entry["cmd"], values).replace("${variant}", variant)
     assert "${" not in cmd, cmd
     return shlex.split(cmd)
