@@ -29,41 +29,24 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from tiny_assets import project_repo, save_tiny_model, small_pipeline_params
+from tiny_assets import command_env, project_repo, run_command, save_tiny_model, small_pipeline_params
 
 from pipeline import grid_plan, grid_worker
 from pipeline.grid import check_tracking_server
 from pipeline.grid_plan import GridError
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 RUN = ["lora", "lora_fa"]
 SEEDS = [0, 1]
 TIMEOUT = 600
 
 
 def _env(extra: dict | None = None) -> dict:
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONWARNINGS": "ignore",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", **(extra or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+    return command_env(extra)
 
 
 def _run(args, cwd, check=True, timeout=TIMEOUT, env=None):
-    # its own session, so a timeout kills everything it started, not the first process alone
-    with subprocess.Popen(args, cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-    done = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({done.returncode}):\n{stdout[-5000:]}\n{stderr[-5000:]}")
-    return done
+    return run_command(args, cwd, check=check, timeout=timeout, env=env)
 
 
 def _params(model_dir: Path, uri: str | None) -> dict:
@@ -210,11 +193,20 @@ class _Killer(threading.Thread):
         self.killed: str | None = None
         self.stop = threading.Event()
 
-    def _find(self):
+    @staticmethod
+    def _cell(cmd: list[str]) -> tuple[str, str, str]:
+        """(variant, seed, lr multiple) of a `python -m pipeline.train <v> --seed S --lr-multiple M ...` command."""
+        args = cmd[cmd.index("pipeline.train") + 1:]
+        return args[0], args[args.index("--seed") + 1], args[args.index("--lr-multiple") + 1]
+
+    def _find(self, running: set[tuple[str, str, str]]):
+        """A training process whose MLflow run is RUNNING (a cell that has not opened its run yet would
+        leave nothing behind to remove), and the Ray worker above it."""
         for proc in psutil.process_iter(["cmdline", "cwd"]):
             try:
                 cmd = proc.info["cmdline"] or []
-                if "pipeline.train" in cmd and str(self.workdir) in (proc.info["cwd"] or ""):
+                if ("pipeline.train" in cmd and str(self.workdir) in (proc.info["cwd"] or "")
+                        and self._cell(cmd) in running):
                     for parent in proc.parents():
                         if (parent.cmdline() or [""])[0].startswith("ray::"):
                             return cmd, parent
@@ -230,16 +222,17 @@ class _Killer(threading.Thread):
             time.sleep(0.5)
             try:
                 exp = client.get_experiment_by_name("lora-variants")
-                running = exp and client.search_runs([exp.experiment_id], "tags.stage = 'train' and "
-                                                     "attributes.status = 'RUNNING'")
+                runs = exp and client.search_runs([exp.experiment_id], "tags.stage = 'train' and "
+                                                  "attributes.status = 'RUNNING'")
             except Exception:
                 continue
-            found = self._find() if running else None
+            running = {(r.data.tags.get("variant"), r.data.tags.get("seed"), r.data.tags.get("lr_multiple"))
+                       for r in runs or []}
+            found = self._find(running) if running else None
             if found:
                 cmd, worker = found
-                cell = cmd[cmd.index("pipeline.train") + 1:]
                 worker.send_signal(signal.SIGKILL)
-                self.killed = f"train@{cell[0]}-{cell[cell.index('--seed') + 1]}-{cell[cell.index('--lr-multiple') + 1]}"
+                self.killed = "train@{}-{}-{}".format(*self._cell(cmd))
 
 
 @pytest.fixture(scope="module")

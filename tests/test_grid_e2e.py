@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from tiny_assets import project_repo, save_tiny_model, small_pipeline_params
+from tiny_assets import project_repo, run_command, save_tiny_model, small_pipeline_params
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 RUN = ["lora", "vera"]
@@ -32,23 +27,7 @@ LABELS = ["0.5", "2"]  # DVC's names of the lr_grid values (pipeline.params.lr_l
 
 
 def _run(args, cwd, check=True, timeout=900):
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONWARNINGS": "ignore",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # its own session, so a timeout kills the stage processes dvc started too, not dvc alone
-    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-    done = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done
+    return run_command(args, cwd, check=check, timeout=timeout)
 
 
 def _ran(text: str) -> list[str]:

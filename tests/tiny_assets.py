@@ -3,6 +3,10 @@ the G2P prompts (letters, ARPAbet phones) and a random tiny Llama saved as a mod
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 PHONES = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W Y Z "
@@ -97,3 +101,30 @@ def project_repo(repo: Path, params: dict, run) -> Path:
                  ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         run(args, repo)
     return repo
+
+
+def command_env(extra: dict | None = None) -> dict:
+    """The environment the end-to-end tests run dvc and the stages in: this venv's `python`/`dvc` first,
+    a committer identity for git, MLflow telemetry off, no inherited tracking URI."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONWARNINGS": "ignore", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", **(extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run_command(args, cwd, check: bool = True, timeout: float = 900, env: dict | None = None):
+    """Run `args` in its own session (a timeout kills everything it started, e.g. the stages under dvc);
+    an AssertionError with the output's tail when it fails and `check` is set."""
+    with subprocess.Popen(args, cwd=cwd, env=command_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    done = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({done.returncode}):\n{stdout[-5000:]}\n{stderr[-5000:]}")
+    return done
