@@ -64,6 +64,14 @@ def seed_file(seed: int, suffix: str) -> str:
     return f"{seed_name(seed)}{suffix}"
 
 
+def select_stage(variant: str) -> str:
+    return f"select@{variant}"
+
+
+def evaluate_stage(variant: str, seed: int) -> str:
+    return f"evaluate@{variant}-{seed}"
+
+
 def cells(variant: str, seeds, lr_grid) -> list[Cell]:
     """The variant's cells, seeds outer, lr multiples inner (the order DVC's matrix lists them)."""
     return [Cell(variant, seed, point) for seed in seeds for point in lr_grid]

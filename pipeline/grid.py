@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pipeline import grid_plan
+from pipeline import grid_plan, grid_worker
+from pipeline.cells import select_stage
 from pipeline.grid_plan import GridError, Plan, Task
 
 
@@ -60,9 +60,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def ran(output: str) -> list[str]:
-    """The stages a `dvc repro` actually ran (restored ones print no such line)."""
-    return re.findall(r"Running stage '([^']+)'", output)
+ran = grid_worker.ran  # the stages a `dvc repro` actually ran, from its output
 
 
 def check_tracking_server(uri: str | None) -> None:
@@ -128,26 +126,27 @@ def run(plan: Plan, address: str, workers: int | None, retries: int, workdir: st
         record["head"]["wave 1"] = time.monotonic() - t0
         failures.update(_failed(results))
 
-        bad_variants = {plan.cells[name][0] for name in failures if name in plan.cells}
-        selects = [s for s in plan.selects if s.split("@", 1)[1] not in bad_variants]
+        bad_variants = {t.variant for t in plan.train if t.name in failures and t.variant is not None}
+        selects = [select_stage(v) for v in plan.variants if v not in bad_variants]
         t0 = time.monotonic()
         if selects:
             print(f"[grid] head: {', '.join(selects)}", flush=True)
             _dvc(repo, "repro", "--pull", *selects, what="the selections")
             _dvc(repo, "push", "--run-cache", *selects, what="pushing the selections")
         record["head"]["selects"] = time.monotonic() - t0
-        evaluate = [t for t in plan.evaluate if t.stages[0].split("@", 1)[1].rsplit("-", 1)[0] not in bad_variants]
+        evaluate = [t for t in plan.evaluate if t.variant not in bad_variants]
         t0 = time.monotonic()
         results2 = _wave("wave 2 (evaluation)", evaluate, plan, repo, wave)
         record["head"]["wave 2"] = time.monotonic() - t0
         failures.update(_failed(results2))
         record["cells"] = {**results, **results2}
 
-        # a cell retried after a dead worker: its unfinished run goes (the finished one stays)
-        good = [n for n, r in {**results, **results2}.items() if r["ok"]]
-        removed = grid_tracking.remove_unfinished(plan.tracking_uri, plan.experiment, plan.commit, good, plan.cells)
+        # a cell retried after a dead worker: the killed attempt's run goes (the newest one stays)
+        done = {n for n, r in {**results, **results2}.items() if r["ok"]}
+        good = [t for t in (*plan.train, *plan.evaluate) if t.name in done]
+        removed = grid_tracking.remove_repeats(plan.tracking_uri, plan.experiment, plan.commit, good)
         if removed:
-            print(f"[grid] MLflow: removed {removed} unfinished run(s) of retried cells", flush=True)
+            print(f"[grid] MLflow: removed {removed} run(s) of killed attempts of retried cells", flush=True)
 
         if failures:
             return _summary(failures, started, plan)

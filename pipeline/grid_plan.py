@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cells import cells
+from pipeline.cells import cells, evaluate_stage, select_stage
 from pipeline.params import ParamsError, load_params
 
 UPSTREAM = ("prepare", "base", "quantize")
@@ -34,11 +34,16 @@ class GridError(ValueError):
 
 @dataclass(frozen=True)
 class Task:
-    """Stages one worker runs in its own clone (one cell), and what it asks the cluster for."""
+    """Stages one worker runs in its own clone (one cell), what it asks the cluster for, and which cell
+    it is (kind "train" or "evaluate"; evaluate_base has no variant), so nothing parses stage names back."""
 
     stages: tuple[str, ...]
     num_cpus: float
     num_gpus: float = 0
+    kind: str = ""
+    variant: str | None = None
+    seed: int | None = None
+    lr_label: str | None = None      # the training cell's lr multiple, as DVC names it
 
     @property
     def name(self) -> str:
@@ -53,10 +58,13 @@ class Plan:
     remote: str            # the DVC remote (the project's config, so clones see it too)
     tracking_uri: str | None
     experiment: str
+    variants: tuple[str, ...]  # params `run`
     train: tuple[Task, ...]
-    selects: tuple[str, ...]
     evaluate: tuple[Task, ...]
-    cells: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # train stage -> (variant, seed, lr label)
+
+    @property
+    def selects(self) -> tuple[str, ...]:
+        return tuple(select_stage(v) for v in self.variants)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -137,8 +145,9 @@ def plan(repo: str | Path, url: str | None = None) -> Plan:
     train_cpu, train_gpu = resources(params, "train")
     eval_cpu, eval_gpu = resources(params, "evaluate")
     grid = [c for v in params.run for c in cells(v, params.seeds, params.lr_grid)]
-    train = tuple(Task((c.stage,), train_cpu, train_gpu) for c in grid) + (Task(("evaluate_base",), eval_cpu, eval_gpu),)
-    evaluate = tuple(Task((f"evaluate@{v}-{s}",), eval_cpu, eval_gpu) for v in params.run for s in params.seeds)
+    train = tuple(Task((c.stage,), train_cpu, train_gpu, "train", c.variant, c.seed, c.lr.label) for c in grid) + (
+        Task(("evaluate_base",), eval_cpu, eval_gpu, "evaluate"),)
+    evaluate = tuple(Task((evaluate_stage(v, s),), eval_cpu, eval_gpu, "evaluate", v, s)
+                     for v in params.run for s in params.seeds)
     return Plan(repo=repo, url=worker_url(repo, url), commit=commit, remote=remote, tracking_uri=tracking_uri,
-                experiment=params.tracking.experiment, train=train, selects=tuple(f"select@{v}" for v in params.run),
-                evaluate=evaluate, cells={c.stage: (c.variant, c.seed, c.lr.label) for c in grid})
+                experiment=params.tracking.experiment, variants=tuple(params.run), train=train, evaluate=evaluate)

@@ -73,6 +73,11 @@ def why(lines: list[tuple[float, str]]) -> str:
     return " | ".join(text[-3:]) or "no output"
 
 
+def ran(output: str) -> list[str]:
+    """The stages a `dvc repro` actually ran, from its output (restored ones print no such line)."""
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
 def stage_seconds(lines: list[tuple[float, str]]) -> dict[str, float]:
     """How long each stage's own command ran, from DVC's output: from "Running stage 'x'" to the
     next lock-file update."""
@@ -117,7 +122,7 @@ def run_cell(url: str, commit: str, stages: list[str], env_extra: dict[str, str]
         t0 = time.monotonic()
         code, lines = _guarded([sys.executable, "-m", "dvc", "repro", "--pull", *stages], clone, env, log, timeout)
         result["seconds"]["repro"] = time.monotonic() - t0
-        result["ran"] = re.findall(r"Running stage '([^']+)'", "\n".join(line for _, line in lines))
+        result["ran"] = ran("\n".join(line for _, line in lines))
         result["seconds"]["stage"] = sum(stage_seconds(lines).values())
         if code != 0:
             result["error"] = why(lines)

@@ -370,7 +370,7 @@ def test_mlflow_holds_each_cell_once(grid_run):
     assert sorted((r.data.tags["variant"], r.data.tags["seed"]) for r in evaluate) == sorted(
         (v, str(s)) for v in RUN for s in SEEDS)
     # the killed attempt's run existed (the killer waited for it) and was removed
-    assert "removed 1 unfinished run(s) of retried cells" in grid_run["done"].stdout
+    assert "removed 1 run(s) of killed attempts of retried cells" in grid_run["done"].stdout
     # every train run is the one its adapter names (the one evaluate logged the test metrics onto)
     for r in train:
         folder = grid_run["repo"] / f"models/adapters/{r.data.tags['variant']}/seed{r.data.tags['seed']}/lr1"
