@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,22 @@ import torch
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The stages this session's tests start (through pipeline/run.py) use warm servers of their own,
+# stopped when the session ends, never the user's.
+os.environ["LORA_WARM_DIR"] = tempfile.mkdtemp(prefix="lora-warm-")
+os.environ.setdefault("LORA_WARM_IDLE", "60")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_servers():
+    yield
+    from pipeline.run import stop_servers
+
+    folder = Path(os.environ["LORA_WARM_DIR"])
+    stop_servers(folder)
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()
 
 
 def tiny_llama_config(**overrides):

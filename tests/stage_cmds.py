@@ -23,8 +23,13 @@ def stage_cmd(stage: str, variant: str = "lora", dvc_yaml: Path = ROOT / "dvc.ya
     return shlex.split(cmd)
 
 
+def split_cmd(words: list[str]) -> tuple[str, list[str]]:
+    """(module, arguments) of a stage command `python -m pipeline.run <stage> <arguments>`
+    (pipeline/run.py starts `pipeline.<stage>` with those arguments)."""
+    assert words[:3] == ["python", "-m", "pipeline.run"] and len(words) > 3, words
+    return f"pipeline.{words[3]}", words[4:]
+
+
 def stage_argv(stage: str, *extra: str, variant: str = "lora") -> list[str]:
-    """The arguments after `python -m pipeline.<module>` (what the module's main() takes)."""
-    words = stage_cmd(stage, variant)
-    assert words[:2] == ["python", "-m"], words
-    return [*words[3:], *extra]
+    """The arguments the stage's module gets (what its main() takes)."""
+    return [*split_cmd(stage_cmd(stage, variant))[1], *extra]

@@ -174,7 +174,7 @@ def test_watchdog_kills_the_cell_when_its_worker_dies(tmp_path):
 
 
 def test_why_and_stage_seconds_read_dvc_output():
-    lines = [(0.0, "Running stage 'train@lora-0-1':"), (1.0, "> python -m pipeline.train lora"),
+    lines = [(0.0, "Running stage 'train@lora-0-1':"), (1.0, "> python -m pipeline.run train lora"),
              (2.0, "train@lora-0-1: lora: loss is nan at step 2"), (3.0, "ERROR: failed to reproduce 'train@lora-0-1'")]
     assert grid_worker.why(lines) == "train@lora-0-1: lora: loss is nan at step 2"
     assert grid_worker.why(lines[3:]) == "ERROR: failed to reproduce 'train@lora-0-1'"
@@ -194,9 +194,12 @@ class _Killer(threading.Thread):
         self.stop = threading.Event()
 
     @staticmethod
-    def _cell(cmd: list[str]) -> tuple[str, str, str]:
-        """(variant, seed, lr multiple) of a `python -m pipeline.train <v> --seed S --lr-multiple M ...` command."""
-        args = cmd[cmd.index("pipeline.train") + 1:]
+    def _cell(cmd: list[str]) -> tuple[str, str, str] | None:
+        """(variant, seed, lr multiple) of a `python -m pipeline.run train <v> --seed S --lr-multiple M ...`
+        command (the stage's client, whose parents lead to the Ray worker), else None."""
+        if "pipeline.run" not in cmd or cmd[cmd.index("pipeline.run") + 1:][:1] != ["train"]:
+            return None
+        args = cmd[cmd.index("pipeline.run") + 2:]
         return args[0], args[args.index("--seed") + 1], args[args.index("--lr-multiple") + 1]
 
     def _find(self, running: set[tuple[str, str, str]]):
@@ -205,8 +208,8 @@ class _Killer(threading.Thread):
         for proc in psutil.process_iter(["cmdline", "cwd"]):
             try:
                 cmd = proc.info["cmdline"] or []
-                if ("pipeline.train" in cmd and str(self.workdir) in (proc.info["cwd"] or "")
-                        and self._cell(cmd) in running):
+                cell = self._cell(cmd)
+                if cell is not None and str(self.workdir) in (proc.info["cwd"] or "") and cell in running:
                     for parent in proc.parents():
                         if (parent.cmdline() or [""])[0].startswith("ray::"):
                             return cmd, parent

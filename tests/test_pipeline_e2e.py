@@ -90,6 +90,18 @@ def test_second_repro_does_nothing(repo):
     assert _run(["git", "status", "--porcelain"], repo["path"]).stdout == ""  # nothing undeclared was written
 
 
+def test_the_torch_stages_were_forked_from_a_warm_server(repo):
+    """pipeline/run.py: the stages that import torch ran in children of a server that had imported it
+    (its log names each one with this checkout as working directory), none fell back to a cold start."""
+    started = [line for log in Path(os.environ["LORA_WARM_DIR"]).glob("*.log")
+               for line in log.read_text().splitlines() if line.endswith(f" in {repo['path']}")]
+    modules = [line.split(" started ", 1)[1].split(" ", 1)[0] for line in started]
+    assert sorted(m for m in modules if m in ("pipeline.base", "pipeline.quantize", "pipeline.train",
+                                             "pipeline.evaluate")) == [
+        "pipeline.base", *["pipeline.evaluate"] * 4, "pipeline.quantize", *["pipeline.train"] * 3], modules
+    assert "pipeline.run: running" not in repo["first"]  # no "running <stage> cold: <why>"
+
+
 def test_no_stage_warns_about_an_empty_output(repo):
     assert "is empty" not in repo["first"]  # (the checkpoints used to be an out, empty after every run)
 

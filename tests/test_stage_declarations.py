@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stage_cmds import stage_argv
+from stage_cmds import split_cmd, stage_argv
 from tiny_assets import save_tiny_model, small_pipeline_params
 
 from pipeline.declared import UndeclaredParamError, declared_params, restrict
@@ -88,7 +88,7 @@ def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch)
 def test_every_path_on_a_cmd_line_is_a_dep_or_out_and_back(dvc_stages):
     for name, stage in dvc_stages.items():
         words = shlex.split(stage.cmd)
-        assert words[:2] == ["python", "-m"] and words[2].startswith("pipeline."), stage.cmd
+        split_cmd(words)  # python -m pipeline.run <stage> ...
         scratch = [words[i + 1] for i, w in enumerate(words) if w in SCRATCH_OPTIONS]
         paths = {w for i, w in enumerate(words[3:], 3) if "/" in w and words[i - 1] not in SCRATCH_OPTIONS}
         deps = {d.def_path for d in stage.deps if type(d).__name__ != "ParamsDependency" and not _code(d.def_path)}
@@ -105,13 +105,13 @@ def test_every_path_on_a_cmd_line_is_a_dep_or_out_and_back(dvc_stages):
 def test_the_baseline_row_name_is_the_one_compare_expects(dvc_stages):
     from pipeline.compare import BASELINE
 
-    words = shlex.split(dvc_stages["evaluate_base"].cmd)
-    assert words[3] == BASELINE and "--adapter" not in words
+    module, words = split_cmd(shlex.split(dvc_stages["evaluate_base"].cmd))
+    assert module == "pipeline.evaluate" and words[0] == BASELINE and "--adapter" not in words
     assert f"reports/metrics/{BASELINE}.json" in words
 
 
 def test_no_stage_module_imports_another_stage():
-    modules = {shlex.split(s["cmd"] if "cmd" in s else s["do"]["cmd"])[2]
+    modules = {split_cmd(shlex.split(s["cmd"] if "cmd" in s else s["do"]["cmd"]))[0]
                for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()}
     assert modules == {f"pipeline.{m}" for m in ("prepare", "base", "quantize", "train", "select", "evaluate", "compare",
                                                       "focus")}
