@@ -395,3 +395,18 @@ def test_data_free_inits_refuse_calibration():
     assert adapted.calibration_batches() == 0 and not adapted.needs_calibration
     with pytest.raises(ValueError, match="init=pissa is data-free"):
         adapted.calibrate(lm_batches(1))
+
+
+# ----- 10. the report names the family and its init time ----------------------------------------------
+def test_compare_notes_name_the_init_family_with_its_init_seconds():
+    from types import SimpleNamespace
+
+    from pipeline.compare import init_family_context
+
+    specs = {n: variants.AdapterSpec.from_dict({"preset": p}) for n, p in
+             [("lora", "lora"), ("pissa", "pissa"), ("olora", "olora")]}
+    methods = {"pissa": SimpleNamespace(summaries=[{"init_seconds": 2.0}, {"init_seconds": 4.0}]),
+               "olora": SimpleNamespace(summaries=[{}])}  # a summary written before init_seconds existed
+    assert init_family_context(specs, methods) == [{"name": "pissa", "init": "pissa", "seconds": 3.0},
+                                                   {"name": "olora", "init": "olora", "seconds": None}]
+    assert init_family_context({"lora": specs["lora"]}, methods) == []
