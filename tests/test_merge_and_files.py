@@ -25,6 +25,8 @@ PRESET_ARGS = {
     "loftq": {"r": 4, "alpha": 8},
     "adalora": {"r": 4, "alpha": 8, "target_r": 2, "total_step": 10},
     "sora": {"r": 4, "alpha": 8},
+    "pissa": {"r": 4, "alpha": 8},
+    "olora": {"r": 4, "alpha": 8},
 }
 
 

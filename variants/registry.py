@@ -9,6 +9,8 @@ from . import (  # noqa: F401  (layer kinds)  # noqa: F401  (modifiers)
     lora,
     lora_fa,
     lora_plus,
+    olora,
+    pissa,
     qlora,
     rslora,
     sora,
