@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .init_base import DataInit, RewritingInit
+from .parts import Option, register
+
 CORDA_METHODS = ("ipm", "kpm")
 
 
@@ -139,3 +142,42 @@ def corda_factors(weight: torch.Tensor, fixed_cov: torch.Tensor, cov_inverse: to
     a = v.t().mul(s.sqrt().view(-1, 1)).contiguous()
     b = u.mul(s.sqrt()).contiguous()
     return a, b
+
+
+# ----- the init part ------------------------------------------------------------------------------------
+@register
+class CordaInit(DataInit, RewritingInit):
+    name = "corda"
+    idea = "SVD of W times the covariance of its inputs on training batches; the base keeps the residual"
+    idea_zh = "对 W 乘以训练批次输入协方差后做 SVD 初始化适配器，基座保留残差"
+    options = {
+        **DataInit.options,
+        "corda_method": Option("ipm", str, lambda v: v in CORDA_METHODS, " or ".join(CORDA_METHODS),
+                               "ipm: the r largest context-weighted components; kpm: the r smallest"),
+    }
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.groups = 0
+
+    def check_batches(self, adapted, batches) -> None:
+        super().check_batches(adapted, batches)
+        if not sequences(batches):
+            raise ValueError("init=corda: the calibration batches have no attended tokens (attention_mask is all 0)")
+
+    def compute_factors(self, adapted, batches, loss_fn):
+        model = adapted.model
+        model.eval()  # as PEFT's calib_cov_distribution (the scope restores the modes)
+        covs, leader = covariances(lambda ids: model(input_ids=ids), adapted.layers, sequences(batches))
+        self.groups = len(covs)
+        inverses = {n: damped_inverse(c) for n, c in covs.items()}
+        covs.clear()
+        factors = {}
+        for name, layer in adapted.layers.items():
+            fixed, inverse, _ = inverses[leader[name]]
+            factors[name] = corda_factors(layer.base_weight().detach(), fixed, inverse, layer.r, layer.scale,
+                                          self.opts.corda_method)
+        return factors
+
+    def calibration_summary(self) -> dict[str, Any]:
+        return {"covariances": self.groups}

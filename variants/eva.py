@@ -35,6 +35,7 @@ distribution after every forward — so that the same batches give the same comp
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import in_out_features
 from .incremental_pca import IncrementalPCA
+from .init_base import DataInit
+from .parts import Option, part_class, register
 
 LABEL_IGNORE = -100
 
@@ -220,3 +224,134 @@ def eva_components(forward: Callable[[Mapping[str, torch.Tensor]], Any], modules
             u = u / pca.singular_values_[:rank].sqrt().reshape(-1, 1)
         components[name] = u.clone()
     return EvaResult(components, {n: rank_dist[n] for n in names}, forwards + loop_forwards, shared, unconverged)
+
+
+# ----- the init part ------------------------------------------------------------------------------------
+def _forward_without_labels(model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], Any]:
+    # the hooks read the layer inputs; the loss on `labels` would only cost time
+    return lambda batch: model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+@register
+class EvaInit(DataInit):
+    name = "eva"
+    idea = "A from the principal directions of each layer's inputs on training batches; ranks by explained variance"
+    idea_zh = "以训练批次上各层输入的主方向初始化 A，并按解释方差重新分配各层的秩"
+    options = {
+        **DataInit.options,
+        "eva_rho": Option(2.0, float, lambda v: v >= 1.0, ">= 1",
+                          "ρ: each layer may take up to round(ρ·r) components in the rank redistribution"),
+        "eva_tau": Option(0.99, float, lambda v: 0.0 < v <= 1.0, "in (0, 1]",
+                          "τ: a component has converged when cos(v_t, v_t-1) >= τ"),
+        "eva_whiten": Option(False, bool, None, "", "divide A's rows by sqrt of their singular values"),
+        "eva_label_mask": Option(True, bool, None, "", "fit only tokens that carry a label (labels != -100)"),
+        "eva_adjust_scaling": Option(True, bool, None, "",
+                                     "alpha_k = alpha·r_k/r for a layer whose rank changed (PEFT's default)"),
+        "eva_max_passes": Option(200, int, lambda v: v >= 1, ">= 1",
+                                 "at most this many passes over the batches (PEFT: unbounded)"),
+    }
+    layer_needs = {"init_sets_lora_pair": "EVA writes A from its components, B = 0 and a new rank per layer, "
+                                          "which needs a layer whose adapter is a plain LoRA pair (A, B)"}
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.result: EvaResult | None = None
+        self.initial: dict[str, torch.Tensor] = {}  # layer -> A as calibrated (checked on resume)
+
+    def check_target(self, name: str, module: nn.Module) -> None:
+        in_f, _ = in_out_features(module)
+        need = round(self.spec.r * self.opts.eva_rho)
+        if need > in_f:
+            raise ValueError(f"init=eva: r·eva_rho = {self.spec.r}·{self.opts.eva_rho:g} -> {need} components, but "
+                             f"{name} has only in_features={in_f}; lower r or eva_rho")
+
+    def init_layer(self, name: str, layer, original: nn.Module) -> None:
+        # alpha_k = alpha·r_k/r (eva_adjust_scaling) or alpha: deterministic from the layer's rank, so a
+        # loaded adapter (rank_pattern) gets its scales back without calibrating
+        layer.scale = self._scale(layer.r)
+
+    def _scale(self, rank: int) -> float:
+        spec = self.spec
+        alpha = spec.alpha * rank / spec.r if self.opts.eva_adjust_scaling else spec.alpha
+        return float(part_class("scaling", spec.scaling).factor(rank, alpha))
+
+    def check_batches(self, adapted, batches) -> None:
+        super().check_batches(adapted, batches)
+        need = round(self.spec.r * self.opts.eva_rho)
+        tokens = [int(token_mask(b, self.opts.eva_label_mask).sum()) for b in batches]
+        if max(tokens) < need:
+            what = "labelled (labels != -100), attended" if self.opts.eva_label_mask else "attended"
+            raise ValueError(f"init=eva: the calibration batches have {tokens} {what} tokens, but each layer fits "
+                             f"round(r·eva_rho) = {need} components: at least one batch needs {need} or more")
+
+    def compute_factors(self, adapted, batches, loss_fn):
+        model = adapted.model
+        model.eval()  # as PEFT: no dropout in the calibration forwards (the scope restores the modes)
+        result = eva_components(
+            _forward_without_labels(model), adapted.layers, batches, {n: layer.r for n, layer in adapted.layers.items()},
+            rho=self.opts.eva_rho, tau=self.opts.eva_tau, use_label_mask=self.opts.eva_label_mask,
+            whiten=self.opts.eva_whiten, max_passes=self.opts.eva_max_passes)
+        if result.unconverged:
+            warnings.warn(f"init=eva: {len(result.unconverged)} layers had not converged to eva_tau="
+                          f"{self.opts.eva_tau:g} after eva_max_passes={self.opts.eva_max_passes}; their A is the "
+                          f"current estimate: {result.unconverged[:5]}", stacklevel=2)
+        self.result = result
+        return {name: (a, torch.zeros(adapted.layers[name].out_features, a.shape[0]))
+                for name, a in result.components.items()}
+
+    @torch.no_grad()
+    def apply_factors(self, adapted_or_layers, factors) -> None:
+        """Give each layer its rank r_k (new A, B tensors; their requires_grad flags kept), A = the
+        components, B = 0, s_k from alpha_k; a layer of rank 0 is left unadapted (as PEFT does)."""
+        adapted = adapted_or_layers
+        layers = adapted.layers
+        unknown = sorted(set(factors) - set(layers))
+        if unknown:
+            raise ValueError(f"init=eva: factors for layers this adapter does not have: {unknown[:5]}")
+        for name, (a, b) in factors.items():  # every check before the first change
+            layer = layers[name]
+            if a.ndim != 2 or a.shape[1] != layer.in_features or tuple(b.shape) != (layer.out_features, a.shape[0]):
+                raise ValueError(f"init=eva: factors of {name} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}")
+            if not torch.isfinite(a).all():
+                raise ValueError(f"init=eva: the components of {name} are not finite")
+        dropped = [name for name, (a, _) in factors.items() if a.shape[0] == 0]
+        for name, (a, b) in factors.items():
+            if a.shape[0] == 0:
+                continue
+            layer = layers[name]
+            a = a.detach().to(layer.lora_A)
+            if a.shape[0] != layer.r:
+                grads = layer.lora_A.requires_grad, layer.lora_B.requires_grad
+                layer.lora_A = nn.Parameter(a.clone(), requires_grad=grads[0])
+                layer.lora_B = nn.Parameter(b.detach().to(layer.lora_B).clone(), requires_grad=grads[1])
+                layer.r = a.shape[0]
+            else:
+                layer.lora_A.copy_(a)
+                layer.lora_B.copy_(b)
+            layer.scale = self._scale(layer.r)
+            layer.refresh_after_init()
+            self.initial[name] = a.clone()
+        adapted.leave_unadapted(dropped)
+
+    def calibration_summary(self) -> dict[str, Any]:
+        result = self.result
+        return {"ranks": dict(result.ranks), "eva_forwards": result.forwards, "unconverged": list(result.unconverged)}
+
+    def summary(self, adapted) -> dict[str, Any]:
+        if self.result is None:
+            return {}
+        return {"ranks": dict(self.result.ranks), "rank_total": sum(self.result.ranks.values()),
+                "unconverged": len(self.result.unconverged)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_A": dict(self.initial)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run recalibrates (deterministic): its components must be the checkpoint's."""
+        saved = state.get("initial_A")
+        if saved is None:
+            return
+        if set(saved) != set(self.initial) or any(not torch.equal(saved[n].to(self.initial[n]), self.initial[n])
+                                                  for n in saved):
+            raise ValueError("init=eva: the calibrated components differ from the checkpoint's "
+                             "(other calibration batches, options or hardware); calibrate as the run did")

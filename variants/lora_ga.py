@@ -36,6 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .init_base import DataInit, RewritingInit
+from .parts import Option, register
+
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
@@ -113,3 +116,52 @@ def lora_ga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scale: flo
         a = a / scale
         b = b / scale
     return a.contiguous(), b.contiguous()
+
+
+# ----- the init part ------------------------------------------------------------------------------------
+@register
+class LoraGAInit(DataInit, RewritingInit):
+    name = "lora_ga"
+    idea = "start from the SVD of the full-weight gradient on training batches; the base keeps the residual"
+    idea_zh = "以训练批次上全权重梯度的 SVD 初始化适配器，基座保留残差"
+    options = {
+        **DataInit.options,
+        "lora_ga_direction": Option("ArB2r", str, lambda v: v in LORA_GA_DIRECTIONS, " or ".join(LORA_GA_DIRECTIONS),
+                                    "which singular vectors go to A and B"),
+        "lora_ga_scale": Option("stable", str, lambda v: v in LORA_GA_SCALES, " or ".join(LORA_GA_SCALES),
+                                "how B (and A) are scaled"),
+        "lora_ga_gamma": Option(16.0, float, lambda v: v > 0, "> 0", "γ of the 'stable' scale out^(1/4)/sqrt(γ)"),
+        "lora_ga_seed": Option(0, int, lambda v: v >= 0, ">= 0",
+                               "seed of the randomized SVDs (plus the layer's index), drawn under a forked RNG"),
+    }
+
+    def ranks_needed(self, r: int) -> int:
+        return 2 * r  # A and B take 2r distinct singular directions of G
+
+    def check_batches(self, adapted, batches) -> None:
+        super().check_batches(adapted, batches)
+        for i, batch in enumerate(batches):
+            labels = batch.get("labels")
+            if not isinstance(labels, torch.Tensor) or not bool((labels != -100).any()):
+                raise ValueError(f"init=lora_ga: calibration batch {i} has no label tokens (labels != -100); the "
+                                 "gradient needs a loss")
+
+    def compute_factors(self, adapted, batches, loss_fn):
+        model = adapted.model
+        model.train()  # as PEFT's estimate_gradients (the scope restores modes, flags and gradients)
+        model.requires_grad_(False)
+        weights = {n: layer.base_layer.weight for n, layer in adapted.layers.items()}
+        for w in weights.values():
+            w.requires_grad_(True)
+        grads = estimate_gradients(model, weights, batches, loss_fn,
+                                   {n: layer.base_layer for n, layer in adapted.layers.items()})
+        factors = {}
+        with torch.no_grad():
+            for index, (name, layer) in enumerate(adapted.layers.items()):
+                grad = grads.pop(name)
+                grad = grad.t() if layer.fan_in_fan_out else grad  # (out, in)
+                torch.manual_seed(self.opts.lora_ga_seed + index)  # inside the scope's forked RNG
+                factors[name] = lora_ga_factors(
+                    grad, layer.base_weight().detach(), layer.r, layer.scale, direction=self.opts.lora_ga_direction,
+                    scale_mode=self.opts.lora_ga_scale, gamma=self.opts.lora_ga_gamma)
+        return factors

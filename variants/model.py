@@ -50,6 +50,9 @@ class AdaptedModel:
         self.spec = spec
         self.layers = layers
         self.parts = parts
+        # Targets left without an adapter because their rank is 0 (EVA's rank redistribution):
+        # `rank_pattern()` lists them with rank 0, so `io.load` leaves them alone too.
+        self.unadapted: list[str] = []
         # The optimizer `optimizer()` built last (reports name its class); hooks never read it,
         # they receive the optimizer that steps.
         self.optimizer_in_use: torch.optim.Optimizer | None = None
@@ -124,9 +127,20 @@ class AdaptedModel:
         return total
 
     def rank_pattern(self) -> dict[str, int]:
-        """Layers whose rank differs from the spec's r (after SoRA's pruning), name -> rank."""
-        return {name: layer.r for name, layer in self.layers.items()
-                if getattr(layer, "r", self.spec.r) != self.spec.r}
+        """Layers whose rank differs from the spec's r (after SoRA's pruning, EVA's redistribution),
+        name -> rank; targets left unadapted have rank 0."""
+        out = {name: layer.r for name, layer in self.layers.items()
+               if getattr(layer, "r", self.spec.r) != self.spec.r}
+        return {**out, **dict.fromkeys(self.unadapted, 0)}
+
+    def leave_unadapted(self, names: list[str]) -> None:
+        """Put the base layers of `names` back and stop adapting them (a rank-0 layer adds nothing)."""
+        unknown = sorted(set(names) - set(self.layers))
+        if unknown:
+            raise ValueError(f"leave_unadapted: no adapter layers {unknown[:5]}")
+        for name in names:
+            replace_module(self.model, name, self.layers.pop(name).base_layer)
+            self.unadapted.append(name)
 
     def parts_summary(self) -> dict[str, Any]:
         """Every part's report after training, keyed by slot (only parts that report something)."""
@@ -389,10 +403,13 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
         unknown = sorted(set(rank_pattern) - {n for n, _ in targets})
         if unknown:
             raise ValueError(f"rank_pattern names layers this spec does not adapt: {unknown[:5]}")
-        bad = {n: r for n, r in rank_pattern.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
+        bad = {n: r for n, r in rank_pattern.items() if isinstance(r, bool) or not isinstance(r, int) or r < 0}
         if bad:
-            raise ValueError(f"rank_pattern ranks must be positive integers, got {bad}")
+            raise ValueError(f"rank_pattern ranks must be non-negative integers (0: the target stays unadapted), "
+                             f"got {bad}")
         layer_kind.rank_pattern = dict(rank_pattern)
+    unadapted = [n for n, r in (rank_pattern or {}).items() if r == 0]
+    targets = [(n, m) for n, m in targets if n not in unadapted]
     layer_kind.prepare(model, targets)
     taken = [attr for attr in layer_kind.shared_modules() if hasattr(model, attr)]
     if taken:
@@ -421,6 +438,7 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
             model.add_module(attr, module)
             added.append(attr)
         adapted = AdaptedModel(model, spec, layers, parts)
+        adapted.unadapted = [n for n in (rank_pattern or {}) if n in unadapted]
         # the init part last: a base-rewriting init writes W0 − s·B0A0 as the final change of build
         for part in sorted(parts, key=lambda p: p.slot == "init"):
             part.configure(adapted)
