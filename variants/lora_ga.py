@@ -56,11 +56,18 @@ def estimate_gradients(model: nn.Module, weights: Mapping[str, nn.Parameter],
     counts = dict.fromkeys(weights, 0)
 
     def counter(name):
-        def hook(_module, _grad_input, _grad_output):
+        # PEFT counts with a full backward hook on the module; a gradient hook on the module's output
+        # fires exactly as often (once per backward through the module) without torch's warning that
+        # no input of the module requires a gradient
+        def count(_grad):
             counts[name] += 1
+
+        def hook(_module, _args, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(count)
         return hook
 
-    handles = [modules[n].register_full_backward_hook(counter(n)) for n in weights]
+    handles = [modules[n].register_forward_hook(counter(n)) for n in weights]
     try:
         with torch.enable_grad():
             for batch in batches:
