@@ -294,7 +294,7 @@ class EvaInit(DataInit):
         if result.unconverged:
             warnings.warn(f"init=eva: {len(result.unconverged)} layers had not converged to eva_tau="
                           f"{self.opts.eva_tau:g} after eva_max_passes={self.opts.eva_max_passes}; their A is the "
-                          f"current estimate: {result.unconverged[:5]}", stacklevel=2)
+                          f"current estimate: {result.unconverged[:5]}", stacklevel=4)
         self.result = result
         return {name: (a, torch.zeros(adapted.layers[name].out_features, a.shape[0]))
                 for name, a in result.components.items()}
