@@ -10,7 +10,7 @@ all with r 8, alpha 16 on every linear layer. EVA, CorDA and LoRA-GA calibrate o
 batches: for SmolLM2, with `--base` (the pipeline's converted model folder, which has the tokenizer)
 and `--data` (the prepared splits), the first 4 batches of the training stream exactly as
 pipeline/train.py draws them (12 G2P examples each); otherwise random tokens (12 x 24, the first
-half of each row unlabelled). EVA runs with the catalog's settings (params.yaml: eva_max_passes 10);
+half of each row unlabelled). EVA runs with the catalog's settings (params.yaml: eva_max_passes 15);
 its forward count is printed beside its time, since it depends on the data. Times are wall clock,
 the median of `--repeats` runs (1 for SmolLM2 by default).
 """
@@ -37,7 +37,7 @@ INITS = [  # (label, spec overrides)
     ("pissa exact SVD", {"preset": "pissa", "pissa_niter": 0}),
     ("pissa niter 4", {"preset": "pissa", "pissa_niter": 4}),
     ("olora", {"preset": "olora"}),
-    ("eva", {"preset": "eva", "eva_max_passes": 10}),
+    ("eva", {"preset": "eva", "eva_max_passes": 15}),
     ("corda ipm", {"preset": "corda", "corda_method": "ipm"}),
     ("lora_ga", {"preset": "lora_ga"}),
 ]

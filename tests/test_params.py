@@ -34,7 +34,7 @@ def test_committed_params_load_into_typed_configs():
         "eva": ("eva", "lora", "adamw"), "corda": ("corda", "lora", "adamw"), "lora_ga": ("lora_ga", "lora", "adamw"),
         "eva_lora_plus": ("eva", "lora", "lora_plus")}
     assert all(sp.options["init_batches"] == 4 and sp.r == 8 for sp in data_aware.values())
-    assert data_aware["eva"].options["eva_max_passes"] == 10 and data_aware["corda"].options["corda_method"] == "ipm"
+    assert data_aware["eva"].options["eva_max_passes"] == 15 and data_aware["corda"].options["corda_method"] == "ipm"
     family = {n: params.variants[n].spec for n in ("pissa", "olora", "pissa_dora", "olora_rslora")}
     assert {n: (sp.init, sp.layer, sp.scaling) for n, sp in family.items()} == {
         "pissa": ("pissa", "lora", "standard"), "olora": ("olora", "lora", "standard"),
