@@ -297,7 +297,7 @@ def build_context(params, inputs: Inputs, g2p: bool, device: str, projs: dict, d
         "distributed": distributed_context(rows, distributed_runs(methods)),
         "sensitivity": sensitivity_context(params, inputs.sensitivity),
         "guide": guide_context(params, rows, by_name, quality, projs, imported),
-        "notes": notes_context(params, rows, imported),
+        "notes": notes_context(params, rows, imported, methods),
     }
     return ctx
 
@@ -436,7 +436,24 @@ def guide_context(params, rows, entries: dict[str, dict], quality, projs, import
     return out
 
 
-def notes_context(params, rows, imported) -> dict:
+# init parts of the initialisation family (docs/init-family.md): they start from W0 or from data
+INIT_FAMILY = ("pissa", "olora", "eva", "corda", "lora_ga")
+
+
+def init_family_context(specs: dict, methods: dict | None) -> list[dict]:
+    """The run's methods with an init of the family, and what building (+ calibrating) cost them:
+    `init_seconds` of each seed's train summary (absent in summaries written before it existed)."""
+    out = []
+    for name, sp in specs.items():
+        if sp.init not in INIT_FAMILY:
+            continue
+        seconds = [s["init_seconds"] for s in (methods[name].summaries if methods and name in methods else [])
+                   if s.get("init_seconds") is not None]
+        out.append({"name": name, "init": sp.init, "seconds": sum(seconds) / len(seconds) if seconds else None})
+    return out
+
+
+def notes_context(params, rows, imported, methods: dict | None = None) -> dict:
     specs = {n: params.variants[n].spec for n in params.run if n not in imported}
     four_bit = [n for n, sp in specs.items() if sp.base != "full"]
     full = [n for n, sp in specs.items() if sp.base == "full"]
@@ -447,6 +464,7 @@ def notes_context(params, rows, imported) -> dict:
                 "ratio": f["base_weight_bytes"] / q["base_weight_bytes"]}
     return {"four_bit": note, "loftq": any(sp.init == "loftq" for sp in specs.values()),
             "adalora": any(sp.layer == "adalora" for sp in specs.values()),
+            "init_family": init_family_context(specs, methods),
             "imported": [n for n in params.run if n in imported]}
 
 

@@ -179,7 +179,9 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     model, tokenizer = load_base(args.base, params.model.dtype, params.model.trust_remote_code)
     train_ex = encode_records(tokenizer, read_split(args.data, "train"), params.data.max_length)
     val_ex = encode_records(tokenizer, read_split(args.data, "validation"), params.data.max_length)
+    built = time.perf_counter()
     adapted = variants.build(model, vcfg.spec, quantized=load_quantized(args.quantized) if vcfg.spec.base != "full" else None)
+    build_seconds = time.perf_counter() - built  # includes a data-free init's SVD/QR (PiSSA, OLoRA)
     model.to(device)
     trainable, total = adapted.parameter_counts()
     print(f"[{label}] {vcfg.spec.label}: {adapted.trainable_summary()}", flush=True)
@@ -188,6 +190,17 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
         steps=train_cfg.steps, lr=vcfg.learning_rate(train_cfg, float(multiple)), weight_decay=train_cfg.weight_decay,
         warmup_steps=train_cfg.warmup_steps, schedule=train_cfg.schedule, grad_clip=train_cfg.grad_clip)
     pad_id = tokenizer.pad_token_id
+    init_info: dict = {}
+    if adapted.needs_calibration:
+        # A data-aware init (docs/init-family.md) sees the first n batches of the TRAINING stream only:
+        # the same seed, from a generator of its own, so the training batch order stays every variant's.
+        n = adapted.calibration_batches()
+        calibration = [{k: v.to(device) for k, v in b.items()}
+                       for b in training_batches(train_ex, train_cfg.batch_size, n, seed, pad_id)]
+        init_info = adapted.calibrate(calibration, loss_fn=response_loss)
+        print(f"[{label}] init={vcfg.spec.init}: calibrated on {n} training batches in "
+              f"{format_seconds(init_info['seconds'])}", flush=True)
+    init_seconds = build_seconds + float(init_info.get("seconds", 0.0))
     batches = ({k: v.to(device) for k, v in b.items()}
                for b in training_batches(train_ex, train_cfg.batch_size, train_cfg.steps, seed, pad_id))
 
@@ -292,6 +305,9 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
         "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r["val_loss"] is not None), None),
         **validation_summary(rows),
         "parts": adapted.parts_summary(),
+        # building the adapter plus a data-aware init's calibration (an init's SVDs live here, not in train_seconds)
+        "init_seconds": init_seconds,
+        **({"init": init_info} if init_info else {}),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
@@ -310,7 +326,7 @@ def run(args, params, worker: launch.Worker | None = None) -> dict:
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
     commit_outputs({args.curve: buf.getvalue()}, {args.adapter: write_adapter})
     tracker.log_curve(rows, ("loss", "lr", "grad_norm", "val_loss"))
-    tracker.log_metrics({"train_seconds": step_seconds, "train_wall_seconds": wall,
+    tracker.log_metrics({"train_seconds": step_seconds, "train_wall_seconds": wall, "init_seconds": init_seconds,
                          "tokens_per_second": summary["tokens_per_second"], "peak_memory_bytes": peak.bytes,
                          "trainable_params": trainable, "adapter_bytes": summary["adapter_bytes"],
                          **(distributed_metrics(distributed) if distributed is not None else {})})

@@ -133,6 +133,18 @@ def preset(name: str, **overrides) -> dict:
     return {"preset": name, **PRESET_REQUIRED.get(name, {}), **overrides}
 
 
+def calibrate_if_needed(adapted, batches=None) -> None:
+    """Calibrate a data-aware init (EVA, CorDA, LoRA-GA) on labelled token batches; others need nothing."""
+    if not adapted.needs_calibration:
+        return
+    if batches is None:
+        batches = []
+        for i in range(adapted.calibration_batches()):
+            ids = token_batch(4, 16, seed=100 + i)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    adapted.calibrate(batches)
+
+
 def full_precision_presets() -> list[str]:
     import variants
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import full_precision_presets, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
+from conftest import calibrate_if_needed, full_precision_presets, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 from safetensors.torch import load_file, save_file
 
 import variants
@@ -25,12 +25,18 @@ PRESET_ARGS = {
     "loftq": {"r": 4, "alpha": 8},
     "adalora": {"r": 4, "alpha": 8, "target_r": 2, "total_step": 10},
     "sora": {"r": 4, "alpha": 8},
+    "pissa": {"r": 4, "alpha": 8},
+    "olora": {"r": 4, "alpha": 8},
+    "eva": {"r": 4, "alpha": 8},
+    "corda": {"r": 4, "alpha": 8},
+    "lora_ga": {"r": 4, "alpha": 8},
 }
 
 
 def _adapted(name, model=None, seed=1):
     model = tiny_llama() if model is None else model
     adapted = variants.build(model, {"preset": name, **PRESET_ARGS[name]})
+    calibrate_if_needed(adapted)
     randomize_adapter(adapted, seed=seed)
     return adapted
 

@@ -24,8 +24,22 @@ def test_committed_params_load_into_typed_configs():
     params = load_params(ROOT / "params.yaml")
     assert params.model.source == "smollm2" and params.data.source == "cmudict"
     assert isinstance(params.train.lr, float) and params.train.steps > params.train.warmup_steps
-    assert list(params.variants) == ["lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora", "qlora",
-                                     "loftq", "adalora", "sora"]
+    default_run = ("lora", "rslora", "dora", "vera", "lora_fa", "lora_plus", "delta_lora", "qlora", "loftq", "adalora",
+                   "sora")
+    # the catalog holds more than the default run trains (the initialisation family: docs/init-family.md)
+    assert list(params.variants) == [*default_run, "pissa", "olora", "pissa_dora", "olora_rslora", "eva", "corda",
+                                     "lora_ga", "eva_lora_plus"]
+    data_aware = {n: params.variants[n].spec for n in ("eva", "corda", "lora_ga", "eva_lora_plus")}
+    assert {n: (sp.init, sp.layer, sp.optimizer) for n, sp in data_aware.items()} == {
+        "eva": ("eva", "lora", "adamw"), "corda": ("corda", "lora", "adamw"), "lora_ga": ("lora_ga", "lora", "adamw"),
+        "eva_lora_plus": ("eva", "lora", "lora_plus")}
+    assert all(sp.options["init_batches"] == 4 and sp.r == 8 for sp in data_aware.values())
+    assert data_aware["eva"].options["eva_max_passes"] == 15 and data_aware["corda"].options["corda_method"] == "ipm"
+    family = {n: params.variants[n].spec for n in ("pissa", "olora", "pissa_dora", "olora_rslora")}
+    assert {n: (sp.init, sp.layer, sp.scaling) for n, sp in family.items()} == {
+        "pissa": ("pissa", "lora", "standard"), "olora": ("olora", "lora", "standard"),
+        "pissa_dora": ("pissa", "dora", "standard"), "olora_rslora": ("olora", "lora", "rslora")}
+    assert family["pissa"].options["pissa_niter"] == 4 and family["pissa"].r == 8 and family["pissa"].alpha == 16
     assert params.variants["adalora"].spec.options["total_step"] == params.train.steps
     assert params.variants["qlora"].spec.base == "nf4" and params.variants["loftq"].spec.init == "loftq"
     assert params.variant in params.variants
@@ -34,7 +48,7 @@ def test_committed_params_load_into_typed_configs():
     assert params.variants["lora"].learning_rate(params.train) == params.train.lr
     assert params.variants["lora_plus"].spec.options["loraplus_ratio"] == 16.0
     # the default grid: every catalog entry, one seed, each method's own lr, chosen on the final validation loss
-    assert params.run == tuple(params.variants) and params.seeds == (0,)
+    assert params.run == default_run and params.seeds == (0,)
     assert [(p.label, p.factor) for p in params.lr_grid] == [("1", 1.0)] and params.lr_selection == "final_val_loss"
 
 

@@ -112,7 +112,10 @@ def test_gpt2_conv1d_matches_peft(name, shape):
 
 
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["factored", "merged"])
-@pytest.mark.parametrize("name", full_precision_presets())
+@pytest.mark.parametrize("name", [n for n in full_precision_presets()
+                                  # W_res + s·B0A0 equals W0 within rounding, not bitwise: tests/test_init_family.py
+                                  if not variants.part_class("init", variants.AdapterSpec.from_dict(preset(n)).init
+                                                             ).rewrites_base])
 def test_output_at_init_equals_base_exactly(name, shape):
     base = tiny_llama()
     ids = token_batch(*shape)

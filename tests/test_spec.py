@@ -14,8 +14,8 @@ from variants.core import AdapterLayer
 
 
 def test_every_preset_builds_and_names_its_parts():
-    assert variants.names() == ["adalora", "delta_lora", "dora", "loftq", "lora", "lora_fa", "lora_plus", "qlora",
-                                "rslora", "sora", "vera"]
+    assert variants.names() == ["adalora", "corda", "delta_lora", "dora", "eva", "loftq", "lora", "lora_fa", "lora_ga",
+                                "lora_plus", "olora", "pissa", "qlora", "rslora", "sora", "vera"]
     expected = {
         "lora": ("lora", "standard", "adamw", "none"),
         "rslora": ("lora", "rslora", "adamw", "none"),
@@ -28,6 +28,11 @@ def test_every_preset_builds_and_names_its_parts():
         "loftq": ("lora", "standard", "adamw", "none"),
         "adalora": ("adalora", "standard", "adamw", "none"),
         "sora": ("sora", "standard", "adamw", "none"),
+        "pissa": ("lora", "standard", "adamw", "none"),
+        "olora": ("lora", "standard", "adamw", "none"),
+        "eva": ("lora", "standard", "adamw", "none"),
+        "corda": ("lora", "standard", "adamw", "none"),
+        "lora_ga": ("lora", "standard", "adamw", "none"),
     }
     for name, (layer, scaling, optimizer, step) in expected.items():
         spec = variants.AdapterSpec.from_dict(preset(name))

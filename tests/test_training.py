@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama, token_batch
+from conftest import calibrate_if_needed, tiny_llama, token_batch
 
 import variants
 from variants.parts import Part, register
@@ -54,6 +54,7 @@ def test_every_preset_learns_a_repeated_batch(name):
     if name == "adalora":
         args.update(total_step=12, target_r=2)
     adapted = variants.build(model, {"preset": name, **args})
+    calibrate_if_needed(adapted, _batches(adapted.calibration_batches()))
     lr = {"vera": 5e-2, "adalora": 5e-2}.get(name, 2e-2)
     records = variants.train(adapted, _batches(), TrainSettings(steps=12, lr=lr, warmup_steps=1))
     assert len(records) == 12

@@ -91,6 +91,9 @@ class AdapterLayer(nn.Module):
     # autocast_adapter_dtype does (x cast up, the adapter's output added in float32, the sum
     # cast back); "base" runs it in the input's dtype (the adapter tensors cast down).
     adapter_dtype: str = "float32"
+    # While True (AdaptedModel.bypass_adapters, a calibration), the layer computes its base
+    # layer alone: what a data-aware init must see (PEFT's disable_adapter()).
+    bypassed: bool = False
 
     def __init__(self, base_layer: nn.Module, dropout: float):
         super().__init__()
@@ -156,7 +159,7 @@ class AdapterLayer(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.bypassed:
             return self.base_layer(x, *args, **kwargs)
         if self.base_is_quantized:
             # QLoRA computes in the base's compute dtype (bf16 on CUDA) and hands back x's dtype.
@@ -167,6 +170,10 @@ class AdapterLayer(nn.Module):
 
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def refresh_after_init(self) -> None:
+        """Re-derive tensors that depend on W0 + s·BA after an init rewrote A, B or W (default: none;
+        DoRA recomputes its magnitude, as PEFT does after its init, peft/tuners/lora/layer.py:317)."""
 
     # ----- merge --------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract

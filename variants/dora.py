@@ -38,6 +38,12 @@ class DoRALayer(LoRALayer):
         self.magnitude = nn.Parameter(norm)
         self.register_buffer("_merge_norm", None, persistent=False)
 
+    @torch.no_grad()
+    def refresh_after_init(self) -> None:
+        """m = ‖W + s·BA‖_row for the W, A and B an init wrote (so W' = W + s·BA at step 0)."""
+        w = self.base_weight().to(self.lora_A.dtype)
+        self.magnitude.copy_(torch.linalg.vector_norm(w + self.delta_weight(), dim=1))
+
     def forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:
         return dora_linear(self, x, self.adapter_input(x), self.lora_A, self.lora_B, self.magnitude, self.scale)
 

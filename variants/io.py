@@ -135,7 +135,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
     """Rebuild a saved adapter on `model` (a fresh copy of the base it was trained on)."""
     config = read_config(directory)
     spec = AdapterSpec.from_dict(config["spec"])
-    adapted = build(model, spec, rank_pattern=config.get("rank_pattern") or None)
+    # deferred: the init runs no SVD and no calibration; a base-rewriting init rebuilds its
+    # residual from the saved initial factors (the same formula: bitwise the training-time base)
+    adapted = build(model, spec, rank_pattern=config.get("rank_pattern") or None, deferred_init=True)
     if list(adapted.layers) != config["layers"]:
         raise ValueError(f"the adapter was saved for layers {config['layers'][:3]}..., this model's targets are "
                          f"{list(adapted.layers)[:3]}...")

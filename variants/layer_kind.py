@@ -50,9 +50,13 @@ class LayerKind(Part):
     #   trains_lora_pair  every layer has trainable factors `lora_A` (r x in) and `lora_B` (out x r)
     #   scaled_by_spec    the update is multiplied by the scaling part's factor s (`spec.scale`)
     #   update_is_s_ba    ΔW = s·lora_B·lora_A exactly, and these two are the layer's only adapter tensors
+    #   init_sets_lora_pair  an init may write lora_A and lora_B, and the layer's function at step 0 depends
+    #                     only on W0 + s·BA (its other tensors follow via `refresh_after_init`): the
+    #                     base-rewriting inits (docs/init-family.md)
     trains_lora_pair: ClassVar[bool] = False
     scaled_by_spec: ClassVar[bool] = False
     update_is_s_ba: ClassVar[bool] = False
+    init_sets_lora_pair: ClassVar[bool] = False
 
     options = {
         "adapter_dtype": Option("float32", str, lambda v: v in ADAPTER_DTYPES, " or ".join(ADAPTER_DTYPES),

@@ -56,6 +56,7 @@ class LoRA(LayerKind):
     idea_zh = "冻结 W0，训练低秩增量 s·BA"
     peft_type = "LORA"
     trains_lora_pair = scaled_by_spec = update_is_s_ba = True
+    init_sets_lora_pair = True  # DoRA inherits it: its magnitude is re-derived after the init
 
     def create(self, name: str, base_layer: nn.Module) -> LoRALayer:
         return LoRALayer(base_layer, self.rank_for(name), self.spec.scale, self.spec.dropout)

@@ -28,7 +28,8 @@ schedule exactly as the main update does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +50,9 @@ class AdaptedModel:
         self.spec = spec
         self.layers = layers
         self.parts = parts
+        # Targets left without an adapter because their rank is 0 (EVA's rank redistribution):
+        # `rank_pattern()` lists them with rank 0, so `io.load` leaves them alone too.
+        self.unadapted: list[str] = []
         # The optimizer `optimizer()` built last (reports name its class); hooks never read it,
         # they receive the optimizer that steps.
         self.optimizer_in_use: torch.optim.Optimizer | None = None
@@ -123,9 +127,20 @@ class AdaptedModel:
         return total
 
     def rank_pattern(self) -> dict[str, int]:
-        """Layers whose rank differs from the spec's r (after SoRA's pruning), name -> rank."""
-        return {name: layer.r for name, layer in self.layers.items()
-                if getattr(layer, "r", self.spec.r) != self.spec.r}
+        """Layers whose rank differs from the spec's r (after SoRA's pruning, EVA's redistribution),
+        name -> rank; targets left unadapted have rank 0."""
+        out = {name: layer.r for name, layer in self.layers.items()
+               if getattr(layer, "r", self.spec.r) != self.spec.r}
+        return {**out, **dict.fromkeys(self.unadapted, 0)}
+
+    def leave_unadapted(self, names: list[str]) -> None:
+        """Put the base layers of `names` back and stop adapting them (a rank-0 layer adds nothing)."""
+        unknown = sorted(set(names) - set(self.layers))
+        if unknown:
+            raise ValueError(f"leave_unadapted: no adapter layers {unknown[:5]}")
+        for name in names:
+            replace_module(self.model, name, self.layers.pop(name).base_layer)
+            self.unadapted.append(name)
 
     def parts_summary(self) -> dict[str, Any]:
         """Every part's report after training, keyed by slot (only parts that report something)."""
@@ -149,7 +164,12 @@ class AdaptedModel:
             layer.unmerge()
 
     def unload(self) -> nn.Module:
-        """Put the base layers back (merged or not) and drop shared modules; returns the model."""
+        """Put the base layers back (merged or not) and drop shared modules; returns the model.
+
+        An init that rewrote W0 into a residual (PiSSA, ...) first writes W0 back into every
+        layer that is not merged, so removing the adapter gives the original base (a merged
+        layer keeps the trained function)."""
+        self.part("init").restore_base(self)
         return self._detach({name: layer.base_layer for name, layer in self.layers.items()})
 
     def _detach(self, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -176,6 +196,43 @@ class AdaptedModel:
                     layer.merge()
                     replacements[name] = layer.base_layer
         return self._detach(replacements)
+
+    # ----- data-aware initialisation (the init slot's calibration hook) ----------------------------
+    def calibration_batches(self) -> int:
+        """Training batches the init part needs before training (0: a data-free init)."""
+        return self.part("init").calibration_batches()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while a data-aware init waits for `calibrate` (variants.train refuses the model until then)."""
+        return self.part("init").needs_calibration()
+
+    def calibrate(self, batches: Sequence[Mapping[str, torch.Tensor]],
+                  loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None
+                  ) -> dict[str, Any]:
+        """Initialise a data-aware adapter from calibration batches (training data only).
+
+        Validates first (at least `init_batches` batches, else a ValueError naming init_batches
+        and the count; not calibrated yet), then runs the init on the first `init_batches`
+        batches with the adapters bypassed, the global RNG forked, and train/eval modes,
+        requires_grad flags and hooks restored afterwards; every layer's factors are computed
+        before any is written. `loss_fn(model, batch)` (default: the model's loss on `labels`)
+        is for inits that need gradients. Returns {"seconds", "batches", "forwards", ...}.
+        """
+        return self.part("init").calibrate(self, batches, loss_fn)
+
+    @contextlib.contextmanager
+    def bypass_adapters(self) -> Iterator[AdaptedModel]:
+        """Within the block every adapter layer computes its base layer alone (the base function)."""
+        layers = list(self.layers.values())
+        previous = [layer.bypassed for layer in layers]
+        for layer in layers:
+            layer.bypassed = True
+        try:
+            yield self
+        finally:
+            for layer, flag in zip(layers, previous):
+                layer.bypassed = flag
 
     # ----- training hooks -------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -305,23 +362,29 @@ def _check_step_args(step: int, optimizer: torch.optim.Optimizer) -> None:
 
 
 def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized: Mapping[str, Any] | None = None,
-          rank_pattern: Mapping[str, int] | None = None) -> AdaptedModel:
+          rank_pattern: Mapping[str, int] | None = None, deferred_init: bool = False) -> AdaptedModel:
     """Add the adapter described by `spec` to `model` (in place) and return its handle.
 
     `quantized`: codes and states already quantized for a 4-bit base (layer name -> (codes,
     QuantState)), so the base is not quantized twice. `rank_pattern`: per-layer ranks of a
-    saved adapter whose ranks changed in training (SoRA's pruning).
+    saved adapter whose ranks changed in training (SoRA's pruning). `deferred_init`: the
+    adapter's tensors will be loaded from a file (io.load), so the init part computes
+    nothing (no SVD, no calibration); a base-rewriting init rebuilds its residual from the
+    loaded initial factors.
 
     All validation happens before the first module is replaced (the spec, the targets, every
     part's `check_target`, pre-quantized weights, the rank pattern): on any error the model
     is left exactly as it was. Should something still fail while the layers are replaced,
-    the original modules and requires_grad flags are put back before the error propagates.
+    the original modules and requires_grad flags are put back before the error propagates,
+    and so are base weights an init rewrote (the init part configures last, so nothing runs
+    after it writes them).
     """
     if not isinstance(spec, AdapterSpec):
         spec = AdapterSpec.from_dict(spec)
     targets = find_targets(model, spec.target_modules)
     parts = [cls(spec) for cls in spec.part_classes()]
     by_slot = {p.slot: p for p in parts}
+    by_slot["init"].deferred = bool(deferred_init)  # type: ignore[attr-defined]
     layer_kind: LayerKind = by_slot["layer"]  # type: ignore[assignment]
     base_part = by_slot["base"]
     if quantized is not None:  # before the target checks, which compare each target with its codes
@@ -340,10 +403,13 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
         unknown = sorted(set(rank_pattern) - {n for n, _ in targets})
         if unknown:
             raise ValueError(f"rank_pattern names layers this spec does not adapt: {unknown[:5]}")
-        bad = {n: r for n, r in rank_pattern.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
+        bad = {n: r for n, r in rank_pattern.items() if isinstance(r, bool) or not isinstance(r, int) or r < 0}
         if bad:
-            raise ValueError(f"rank_pattern ranks must be positive integers, got {bad}")
+            raise ValueError(f"rank_pattern ranks must be non-negative integers (0: the target stays unadapted), "
+                             f"got {bad}")
         layer_kind.rank_pattern = dict(rank_pattern)
+    unadapted = [n for n, r in (rank_pattern or {}).items() if r == 0]
+    targets = [(n, m) for n, m in targets if n not in unadapted]
     layer_kind.prepare(model, targets)
     taken = [attr for attr in layer_kind.shared_modules() if hasattr(model, attr)]
     if taken:
@@ -354,11 +420,11 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     replaced: list[tuple[str, nn.Module]] = []
     added: list[str] = []
+    layers: dict[str, AdapterLayer] = {}
+    init_part = by_slot["init"]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        layers: dict[str, AdapterLayer] = {}
-        init_part = by_slot["init"]
         for name, module in targets:
             layer = layer_kind.create(name, base_part.convert(name, module))  # type: ignore[attr-defined]
             init_part.init_layer(name, layer, module)  # type: ignore[attr-defined]
@@ -372,9 +438,12 @@ def build(model: nn.Module, spec: AdapterSpec | Mapping[str, Any], *, quantized:
             model.add_module(attr, module)
             added.append(attr)
         adapted = AdaptedModel(model, spec, layers, parts)
-        for part in parts:
+        adapted.unadapted = [n for n in (rank_pattern or {}) if n in unadapted]
+        # the init part last: a base-rewriting init writes W0 − s·B0A0 as the final change of build
+        for part in sorted(parts, key=lambda p: p.slot == "init"):
             part.configure(adapted)
     except BaseException:
+        init_part.restore_base(layers)  # type: ignore[attr-defined]
         for attr in added:
             delattr(model, attr)
         for name, module in reversed(replaced):

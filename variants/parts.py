@@ -189,14 +189,19 @@ def register(cls: type[Part]) -> type[Part]:
     if name in _REGISTRY[slot]:
         raise ValueError(f"{slot} part {name!r} is registered twice")
     # An option belongs to the class that declares it (a subclass, or a sibling sharing an
-    # unregistered base class, accepts it too); the same key declared twice is a clash.
+    # unregistered base class, accepts it too); the same key declared twice is a clash. The
+    # declarer is the most basic class listing the key, so a subclass may spread its base's
+    # options into its own (`options = {**DataInit.options, ...}`).
+    def declarer_of(key: str) -> type:
+        return next(c for c in reversed(cls.__mro__) if key in c.__dict__.get("options", {}))
+
     for key in cls.options:
-        declarer = next(c for c in cls.__mro__ if key in c.__dict__.get("options", {}))
+        declarer = declarer_of(key)
         owner = _OPTION_OWNER.get(key)
         if owner is not None and owner is not declarer:
             raise ValueError(f"option {key!r} of {slot}={name} is already declared by {owner.__name__}")
     for key in cls.options:
-        _OPTION_OWNER[key] = next(c for c in cls.__mro__ if key in c.__dict__.get("options", {}))
+        _OPTION_OWNER[key] = declarer_of(key)
     _REGISTRY[slot][name] = cls
     return cls
 

@@ -219,28 +219,36 @@ class LoraCodec(Codec):
 
     def export(self, adapted):
         spec = adapted.spec
+        init = adapted.part("init")
+        # A base-rewriting init (PiSSA, OLoRA, ...) exports PEFT's conversion against the original
+        # base: rank r·2 per layer ([A; A0], [B, −B0], init.peft_factors) and the alpha that keeps
+        # s (2·alpha standard, √2·alpha rsLoRA), as PEFT's path_initial_model_for_weight_conversion.
+        mult = init.peft_rank_multiplier
+        r_conf = spec.r * mult
+        alpha_conf = spec.alpha if mult == 1 else spec.alpha * (_factor(spec.scaling, spec.r) /
+                                                                _factor(spec.scaling, r_conf))
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         tensors: dict[str, torch.Tensor] = {}
         layers = []
         for name, layer in adapted.layers.items():
-            factors = self.factors(layer)
+            factors = init.peft_factors(name, layer, self.factors(layer))
             r_k = factors["lora_A"].shape[0]
             if r_k == 0:  # pruned away: no update, and PEFT's LoRA cannot hold rank 0
                 continue
             layers.append(name)
-            if r_k != spec.r:
+            if r_k != r_conf:
                 rank_pattern[name] = r_k
-            if r_k != spec.r or layer.scale != spec.scale:
+            if r_k != r_conf or layer.scale != spec.scale:
                 alpha_k = layer.scale / _factor(spec.scaling, r_k)  # PEFT's alpha_k · factor(r_k) = our scale
-                if alpha_k != spec.alpha:
+                if alpha_k != alpha_conf:
                     alpha_pattern[name] = alpha_k
             ours = {v: k for k, v in self.keys.items()}
             for key, tensor in factors.items():
                 tensors[f"{PREFIX}{name}.{ours[key]}"] = tensor
         if not layers:
             raise ValueError(f"{spec.label}: every layer was pruned to rank 0, there is no adapter to export")
-        config = {**self.common_config(adapted, layers), "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha,
+        config = {**self.common_config(adapted, layers), "peft_type": "LORA", "r": r_conf, "lora_alpha": alpha_conf,
                   "lora_dropout": spec.dropout, "use_rslora": spec.scaling == "rslora",
                   "use_dora": any("lora_magnitude_vector" in k for k in tensors), "init_lora_weights": True,
                   "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}

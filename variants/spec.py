@@ -18,6 +18,11 @@ the project are presets, i.e. data:
     adalora     layer=adalora (init r 12, target_r 8)
                                                 Zhang et al. 2023, arXiv 2303.10512
     sora        layer=sora                      Ding et al. 2023, arXiv 2311.11696
+    pissa       layer=lora, init=pissa          Meng et al. 2024, arXiv 2404.02948
+    olora       layer=lora, init=olora          Büyükakyüz 2024, arXiv 2406.01775
+    eva         layer=lora, init=eva            Paischer et al. 2024, arXiv 2410.07170
+    corda       layer=lora, init=corda          Yang et al. 2024, arXiv 2406.05223
+    lora_ga     layer=lora, init=lora_ga        Wang et al. 2024, arXiv 2407.05000
 
 Every check happens when the spec is built, before any model is touched: unknown parts,
 bad numbers, unknown options and incompatible combinations raise a ValueError that
@@ -47,6 +52,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "loftq": {"base": "nf4", "init": "loftq"},
     "adalora": {"layer": "adalora", "r": 12, "target_r": 8},
     "sora": {"layer": "sora"},
+    "pissa": {"init": "pissa"},
+    "olora": {"init": "olora"},
+    "eva": {"init": "eva"},
+    "corda": {"init": "corda"},
+    "lora_ga": {"init": "lora_ga"},
 }
 
 

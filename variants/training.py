@@ -125,6 +125,10 @@ def train(adapted: AdaptedModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     runs on every rank; only rank 0 writes checkpoints. On return the model is unwrapped and
     every rank holds the whole trained adapter (and base).
     """
+    if adapted.needs_calibration:
+        init = adapted.part("init")
+        raise ValueError(f"init={init.name} needs {adapted.calibration_batches()} calibration batches: "
+                         "call adapted.calibrate(batches) first")
     world = distributed.require_process_group(strategy)
     parallel = strategy != "none"
     if not parallel:
