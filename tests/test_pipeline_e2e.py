@@ -35,7 +35,10 @@ def _run(args, cwd, check=True, timeout=900):
 
 def small_params(model_dir: Path) -> dict:
     root = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return small_pipeline_params(root, model_dir, {"lora": {}, "dora": {}, "vera": {"r": 16}}, steps=3)
+    params = small_pipeline_params(root, model_dir, {"lora": {}, "dora": {}, "vera": {"r": 16}}, steps=3)
+    # in the catalog, not in `run` (as in params.yaml): an experiment selects them
+    params["variants"].update({name: root["variants"][name] for name in ("pissa", "eva")})
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +263,26 @@ def test_exp_run_with_fsdp_on_two_processes_trains_every_variant_under_torchrun(
     report = (path / "reports/comparison.md").read_text()
     assert "Distributed training" in report and "fsdp" in report
     assert not list(path.glob("reports/**/.*.tmp-*")) and not list(path.glob("models/**/.*.tmp-*"))
+
+
+def test_exp_run_selecting_init_family_entries_reports_them(repo):
+    """Issue 13's end-to-end check in miniature: catalog entries of the initialisation family, selected by
+    `dvc exp run -S run=[...]`, train (PiSSA rewrites W0; EVA calibrates on training batches), are evaluated
+    and appear in the report with their init time; LoRA is restored, not retrained."""
+    path = repo["path"]
+    out = _run(["dvc", "exp", "run", "-S", "run=[lora,pissa,eva]", "-S", "train.distributed.strategy=none",
+                "-S", "train.distributed.nproc_per_node=1"], path)
+    text = out.stdout + out.stderr
+    assert "Running stage 'train@pissa-0-1'" in text and "Running stage 'train@eva-0-1'" in text
+    assert "[eva] init=eva: calibrated on 4 training batches" in text
+    for name in ("pissa", "eva"):
+        summary = json.loads((path / f"models/adapters/{name}/seed0/lr1/train_summary.json").read_text())
+        assert summary["init_seconds"] > 0 and summary["spec"]["init"] == name
+        assert json.loads((path / f"reports/metrics/{name}/seed0.json").read_text())["n_test"] == 8
+    eva = json.loads((path / "models/adapters/eva/seed0/lr1/train_summary.json").read_text())
+    assert eva["init"]["batches"] == 4 and eva["init"]["forwards"] >= 4
+    table = pd.read_csv(path / "reports/comparison.csv")
+    assert list(table["variant"]) == ["lora", "pissa", "eva", "base"]
+    report = (path / "reports/comparison.md").read_text()
+    assert "| pissa |" in report and "| eva |" in report
+    assert "Initialisation family (pissa: init=pissa, build + init" in report and "eva: init=eva" in report

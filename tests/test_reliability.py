@@ -117,7 +117,8 @@ def malformed_cases(raw: dict) -> list[tuple[str, dict, str]]:
         cases.append((f"unknown key under {path or 'top'}", mutated, "bogus_key"))
     named = [("variants.lora.preset", "lorax", "'lorax'"), ("variants.lora.layer", "conv", "'conv'"),
              ("variants.lora.scaling", "sqrt", "'sqrt'"), ("variants.lora.optimizer", "sgd", "'sgd'"),
-             ("variants.lora.step", "warp", "'warp'"), ("variants.lora.init", "pissa", "'pissa'"),
+             ("variants.lora.step", "warp", "'warp'"), ("variants.lora.init", "pisa", "'pisa'"),
+             ("variants.pissa.base", "nf4", "init=pissa with base=nf4"),
              ("variants.lora.base", "int8", "'int8'"), ("variant", "qdora", "'qdora'"),
              ("model.source", "./no/such/model", "'./no/such/model'"),
              ("variants.vera.optimizer", "lora_fa", "optimizer=lora_fa with layer=vera"),
