@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     stages = None
     if not args.no_run:
         started = time.perf_counter()
+        # `python` in the stages' commands is this interpreter (the virtualenv's), as with `make repro`
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         done = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force"], cwd=repo, capture_output=True,
-                              text=True)
+                              text=True, env=env)
         wall = time.perf_counter() - started
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)

@@ -17,6 +17,11 @@ the outputs of the stages before them).
     python bench/stage_overhead.py --repo /tmp/before --repo . --stage train@lora-0-1 --stage evaluate@lora-0 \\
         --stage evaluate_base --stage compare --rounds 3
 
+The stages write their outputs where dvc.yaml says, in the checkout: afterwards `dvc repro` (which
+restores them from the run-cache) puts the real results back. With the warm start of
+pipeline/run.py the stage runs in a child of the warm server, so "process CPU" (this script's
+children) counts only the thin client there: compare wall times.
+
 `--set train.steps=4 --set eval.max_new_tokens=4` shrinks the compute (not the overhead) so that
 more rounds fit: each checkout's stages then read a copy of its params.yaml with those values
 (passed as `--params`, which every stage accepts), written outside the checkout.

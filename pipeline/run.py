@@ -65,7 +65,9 @@ STAGES = frozenset({"prepare", "base", "quantize", "train", "select", "evaluate"
 PRELOAD = ("numpy", "yaml", "torch", "torch.nn.functional", "safetensors.torch", "transformers",
            "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
            "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
-           "transformers.generation.utils", "tokenizers", "pandas", "pandera", "pandera.pandas", "jinja2")
+           "transformers.generation.utils", "tokenizers", "pandas", "pandera", "pandera.pandas", "jinja2",
+           # what pipeline/tracking_worker.py imports (~1.5 s): its worker is forked from here too (`spawn`)
+           "mlflow.tracking", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store")
 
 
 
@@ -79,10 +81,11 @@ def preload_modules() -> tuple[str, ...]:
 # Variables that differ between calls of the same pipeline and that no library reads at import.
 # DVC sets DVC_ROOT and DVC_STAGE per stage, and pytest sets PYTEST_CURRENT_TEST per test. The shell
 # sets the rest.
-SERVER_KEY_IGNORES = ("PWD", "OLDPWD", "SHLVL", "_", "PYTEST_CURRENT_TEST")
+SERVER_KEY_IGNORES = ("PWD", "OLDPWD", "SHLVL", "_", "PYTEST_CURRENT_TEST", "LORA_WARM_SERVED_BY")
 SERVER_KEY_IGNORED_PREFIXES = ("DVC_",)
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+MAX_FDS = 16  # descriptors one request may pass
 START_TIMEOUT = 120.0  # seconds a client waits for a new server's imports before it runs the stage cold
 _HEADER = 4  # bytes of a message's length prefix
 
@@ -109,14 +112,19 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
         if fds or data:
             chunk = conn.recv(1 << 16)
         else:
-            chunk, received, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+            chunk, received, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
             fds.extend(received)
         if not chunk:
             for fd in fds:
                 os.close(fd)
             raise EOFError("the client closed the connection mid-request")
         data += chunk
-    return json.loads(data), fds
+    request = json.loads(data)
+    if len(request.get("fds", ())) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"the request names {len(request.get('fds', ()))} descriptors, {len(fds)} arrived")
+    return request, fds
 
 
 def _read_reply(replies) -> dict:
@@ -290,23 +298,29 @@ def _server_socket(starts_server: bool) -> socket.socket | None:
     return sock
 
 
-def _open_fds() -> list[int]:
+def open_stdio() -> list[int]:
+    """Which of stdin/stdout/stderr this process has open (the child gets /dev/null for the others)."""
     fds = []
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
             fds.append(fd)
         except OSError:
-            fds.append(-1)
+            pass
     return fds
+
+
+def _start_request(sock: socket.socket, target: dict, argv: list[str], fds: dict[int, int]) -> None:
+    """Ask the server to fork `target` ({"module": name} or {"path": script}) with `fds`
+    (descriptor number in the child -> this process's descriptor)."""
+    _send(sock, {"op": "run", **target, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                 "fds": list(fds)}, list(fds.values()))
 
 
 def run_warm(sock: socket.socket, module: str, argv: list[str]) -> int | tuple[str, int]:
     """Have the server run `module`; the child's exit code, or ("signal", n) when a signal ended it."""
-    fds = _open_fds()
     with sock, sock.makefile("rb") as replies:
-        _send(sock, {"op": "run", "module": module, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                     "fds": [fd >= 0 for fd in fds]}, [fd for fd in fds if fd >= 0])
+        _start_request(sock, {"module": module}, argv, {fd: fd for fd in open_stdio()})
         try:
             started = _read_reply(replies)
         except (OSError, EOFError, ValueError) as err:
@@ -336,6 +350,84 @@ def run_warm(sock: socket.socket, module: str, argv: list[str]) -> int | tuple[s
     if os.WIFSIGNALED(status):
         return ("signal", os.WTERMSIG(status))
     return os.waitstatus_to_exitcode(status)
+
+
+class WarmChild:
+    """A process the warm server forked on behalf of this one (`spawn`): the subset of Popen a
+    caller needs. It dies with this process: the server kills its process group when our end of
+    the connection closes."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buffer = b""
+        self.pid: int | None = None
+        self.returncode: int | None = None
+
+    def _message(self, timeout: float | None) -> dict | None:
+        """The server's next message; None if none came within `timeout` (0: do not wait)."""
+        while b"\n" not in self._buffer:
+            self._sock.settimeout(timeout)
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except (BlockingIOError, TimeoutError):
+                return None
+            finally:
+                self._sock.settimeout(None)
+            if not chunk:
+                raise EOFError("the warm server closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def _started(self) -> None:
+        self.pid = self._message(None)["pid"]
+
+    def _collect(self, timeout: float | None) -> None:
+        try:
+            done = self._message(timeout)
+        except (OSError, EOFError, ValueError):
+            done = {"status": signal.SIGKILL}  # the server is gone, and took its children with it
+        if done is not None:
+            self.returncode = os.waitstatus_to_exitcode(done["status"])
+            self._sock.close()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._collect(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._collect(timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(f"warm child {self.pid}", timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def spawn(path: str | os.PathLike, argv: list[str], fds: dict[int, int]) -> WarmChild | None:
+    """Start the script `path` (as `python -P <path> <argv>`: its folder is not put on sys.path) as a
+    child of the warm server that started this process, with `fds` (descriptor number in the
+    child -> ours; 0, 1, 2 missing from it are /dev/null). None when no warm server started this
+    process, or it cannot be reached: the caller then starts the script itself."""
+    served = os.environ.get("LORA_WARM_SERVED_BY")
+    sock = _connect(Path(served)) if served else None
+    if sock is None:
+        return None
+    child = WarmChild(sock)
+    try:
+        _start_request(sock, {"path": str(path)}, argv, fds)
+        child._started()
+        return child
+    except (OSError, EOFError, ValueError, KeyError):
+        sock.close()
+        return None
 
 
 def run_cold(module: str, argv: list[str]) -> None:
@@ -412,7 +504,7 @@ def _stdio(fd: int, writing: bool, like) -> object:
                             write_through=unbuffered)
 
 
-def _child(request: dict, fds: list[int], server_handles: list) -> None:
+def _child(request: dict, fds: list[int], server_handles: list, served_by: str) -> None:
     """In the forked child: become the stage's process (never returns). `server_handles`: the server's
     selector, sockets and pidfds, closed here (a copy of another stage's connection kept open in this
     child would hide that server's death from its client)."""
@@ -427,9 +519,15 @@ def _child(request: dict, fds: list[int], server_handles: list) -> None:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        given = iter(fds)
-        for target, present in enumerate(request["fds"]):  # the client's stdin/stdout/stderr become ours
-            fd = next(given) if present else os.open(os.devnull, os.O_RDWR)
+        # the client's descriptors take the numbers it gave (its stdin/stdout/stderr: 0, 1, 2); moved
+        # out of the way first, so that no received descriptor is overwritten before it is placed
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1024) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        wanted = dict(zip(request["fds"], moved))
+        for target in (0, 1, 2):
+            wanted.setdefault(target, os.open(os.devnull, os.O_RDWR))
+        for target, fd in wanted.items():
             os.dup2(fd, target)
             os.close(fd)
         sys.stdin, sys.stdout, sys.stderr = (_stdio(0, False, sys.stdin), _stdio(1, True, sys.stdout),
@@ -438,8 +536,10 @@ def _child(request: dict, fds: list[int], server_handles: list) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.path.insert(0, request["cwd"])  # what `python -m` puts first
-        code = _run_as_main(request["module"], request["argv"])
+        os.environ["LORA_WARM_SERVED_BY"] = served_by  # where this process's own helpers are forked (`spawn`)
+        if "module" in request:
+            sys.path.insert(0, request["cwd"])  # what `python -m` puts first
+        code = _run_as_main(request.get("module"), request.get("path"), request["argv"])
     except BaseException:  # noqa: BLE001 - whatever happens, this process must not return into the server loop
         try:
             sys.excepthook(*sys.exc_info())
@@ -448,17 +548,21 @@ def _child(request: dict, fds: list[int], server_handles: list) -> None:
     os._exit(code)
 
 
-def _run_as_main(module: str, argv: list[str]) -> int:
-    """Run `module` as `python -m` would, then end as the interpreter does, less its teardown."""
+def _run_as_main(module: str | None, path: str | None, argv: list[str]) -> int:
+    """Run `module` as `python -m` would (or the script `path` as `python -P path` would), then end
+    as the interpreter does, less its teardown."""
     import atexit
     import runpy
     import threading
 
     interrupted = False
     code = 0
-    sys.argv = ["-m", *argv]  # what `python -m` shows while the module is located (pipeline/__init__.py reads it)
+    sys.argv = ["-m", *argv] if module else [path, *argv]  # `python -m` shows "-m" while it locates the module
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(path, run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None:
             code = 0
@@ -516,6 +620,10 @@ def serve(path: Path) -> None:
         selector.unregister(child["pidfd"])
         os.close(child["pidfd"])
         _, status = os.waitpid(pid, 0)
+        how = (f"exit {os.waitstatus_to_exitcode(status)}" if os.WIFEXITED(status)
+               else f"signal {os.WTERMSIG(status)}")
+        print(f"{time.strftime('%H:%M:%S')} finished {child['module']} (pid {pid}, {how}) after "
+              f"{time.monotonic() - child['started']:.1f} s", flush=True)
         conn = child["conn"]
         if conn is not None:
             selector.unregister(conn)
@@ -553,7 +661,7 @@ def serve(path: Path) -> None:
                 pid = os.fork()
                 if pid == 0:
                     _child(request, fds, [selector, listener, conn, *(c["conn"] for c in children.values() if c["conn"]),
-                                          *(c["pidfd"] for c in children.values())])
+                                          *(c["pidfd"] for c in children.values())], str(path))
                 for fd in fds:
                     os.close(fd)
                 try:
@@ -561,7 +669,9 @@ def serve(path: Path) -> None:
                 except OSError:
                     pass
                 pidfd = os.pidfd_open(pid)
-                children[pid] = {"conn": conn, "pidfd": pidfd}
+                what = request.get("module") or Path(request.get("path", "?")).name
+                children[pid] = {"conn": conn, "pidfd": pidfd, "module": what,
+                                 "started": time.monotonic()}
                 selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
                 selector.register(conn, selectors.EVENT_READ, ("client", pid))
                 try:
@@ -569,8 +679,7 @@ def serve(path: Path) -> None:
                     os.utime(path)  # recently used (servers beyond LORA_WARM_MAX are stopped oldest first)
                 except OSError:
                     pass
-                print(f"{time.strftime('%H:%M:%S')} started {request['module']} (pid {pid}) in {request['cwd']}",
-                      flush=True)
+                print(f"{time.strftime('%H:%M:%S')} started {what} (pid {pid}) in {request['cwd']}", flush=True)
             elif kind == "exited":
                 if data in children:
                     finish(data)

@@ -107,20 +107,40 @@ class _Worker:
 
     def __init__(self):
         read_fd, write_fd = os.pipe()
+        script = Path(__file__).with_name("tracking_worker.py")
         try:
-            # -P: the worker script's folder (pipeline/) is not put on sys.path, where its
-            # modules (errors, metrics, ...) could shadow libraries mlflow imports
-            self.process = subprocess.Popen([sys.executable, "-P", str(Path(__file__).with_name("tracking_worker.py")),
-                                             str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,))
+            # A stage started from a warm server (pipeline/run.py) has the worker forked there too, with
+            # mlflow already imported; otherwise a process of its own. -P: the worker script's folder
+            # (pipeline/) is not put on sys.path, where its modules could shadow libraries mlflow imports.
+            self.process = self._warm_worker(script, write_fd)
+            if self.process is None:
+                self.process = subprocess.Popen([sys.executable, "-P", str(script), str(write_fd)],
+                                                stdin=subprocess.PIPE, pass_fds=(write_fd,))
+                self.stdin = self.process.stdin
         finally:
             os.close(write_fd)
         self.replies = os.fdopen(read_fd, "rb")
         self.sent = self.received = 0
         self.results: dict[int, tuple[bool, Any]] = {}
 
+    def _warm_worker(self, script: Path, write_fd: int):
+        from pipeline import run as warm  # the standard library only
+
+        requests, self_end = os.pipe()
+        try:
+            outputs = {fd: fd for fd in warm.open_stdio() if fd in (1, 2)}
+            child = warm.spawn(script, [str(write_fd)], {0: requests, **outputs, write_fd: write_fd})
+        finally:
+            os.close(requests)
+        if child is None:
+            os.close(self_end)
+            return None
+        self.stdin = os.fdopen(self_end, "wb")
+        return child
+
     def send(self, operation: str, *args) -> int:
-        self.process.stdin.write(json.dumps([operation, args]).encode() + b"\n")
-        self.process.stdin.flush()
+        self.stdin.write(json.dumps([operation, args]).encode() + b"\n")
+        self.stdin.flush()
         self.sent += 1
         return self.sent
 
@@ -147,7 +167,7 @@ class _Worker:
             # is only importing mlflow, and the stage need not wait until it is done.
             self.process.kill()
         with contextlib.suppress(OSError):
-            self.process.stdin.close()  # end of requests: the worker exits
+            self.stdin.close()  # end of requests: the worker exits
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:

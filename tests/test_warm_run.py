@@ -45,6 +45,18 @@ elif mode == "sleep":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     open("pids.json", "w").write(json.dumps([os.getpid(), child.pid]))
     time.sleep(120)
+elif mode == "spawn":  # a helper forked by the same server (pipeline/tracking.py's MLflow worker is one)
+    from pipeline import run
+    read_end, write_end = os.pipe()
+    helper = run.spawn(os.path.abspath("helper.py"), [str(write_end), sys.argv[2]], {write_end: write_end, 2: 2})
+    os.close(write_end)
+    with os.fdopen(read_end) as replies:
+        line = replies.readline()
+    if sys.argv[2] == "hang":
+        open("helper_pid", "w").write(str(helper.pid))
+        time.sleep(120)
+    print(json.dumps({"reply": json.loads(line), "code": helper.wait(10), "me": os.getpid(),
+                      "server": os.getppid(), "helper": helper.pid}))
 elif mode == "term":
     def on_term(signum, frame):
         open("got_term", "w").write(str(signum))
@@ -52,6 +64,16 @@ elif mode == "term":
     signal.signal(signal.SIGTERM, on_term)
     open("ready", "w").write("1")
     time.sleep(120)
+'''
+
+HELPER = '''
+import json, os, sys, time
+with os.fdopen(int(sys.argv[1]), "w") as out:
+    out.write(json.dumps({"pid": os.getpid(), "parent": os.getppid(), "name": __name__,
+                          "preloaded": "wave" in sys.modules, "path0": sys.path[0]}) + "\\n")
+if sys.argv[2] == "hang":
+    time.sleep(120)
+sys.exit(5)
 '''
 
 # A client, as `python -m pipeline.run <stage>` is, for a module that is not a pipeline stage.
@@ -65,6 +87,7 @@ def warm(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "probe.py").write_text(PROBE)
+    (work / "helper.py").write_text(HELPER)
     env = {**os.environ, "LORA_WARM_DIR": str(folder), "LORA_WARM_PRELOAD": "wave", "LORA_WARM_IDLE": "60",
            "PYTHONPATH": str(ROOT)}
     env.pop("LORA_WARM_STAGES", None)
@@ -157,6 +180,27 @@ def test_a_client_killed_with_sigkill_takes_the_stage_and_its_children_with_it(w
         client.kill()
         client.wait(10)
         assert _wait(lambda: not _alive(stage) and not _alive(grandchild)), "the stage outlived its client"
+    finally:
+        client.kill()
+        client.wait(10)
+
+
+def test_a_stage_forks_its_helper_from_the_same_server_and_it_dies_with_the_stage(warm):
+    _, work, env = warm
+    done = _client(work, env, "spawn", "exit")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    reply = out["reply"]
+    assert reply["parent"] == out["server"] and reply["pid"] == out["helper"] != out["me"]
+    assert reply["name"] == "__main__" and reply["preloaded"] and reply["path0"] != str(work)  # run as `python -P`
+    assert out["code"] == 5
+    client = subprocess.Popen([sys.executable, "-c", DRIVER, "spawn", "hang"], cwd=work, env=env)
+    try:
+        assert _wait(lambda: (work / "helper_pid").exists() and (work / "helper_pid").read_text())
+        helper = int((work / "helper_pid").read_text())
+        assert _alive(helper)
+        client.kill()
+        assert _wait(lambda: not _alive(helper)), "the helper outlived the stage that spawned it"
     finally:
         client.kill()
         client.wait(10)
