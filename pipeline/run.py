@@ -12,6 +12,8 @@ once:
   child per request. The child runs `python -m pipeline.<stage>` the way a fresh interpreter would, and
   writes straight to the client's stdout/stderr. The client exits with the child's exit status, or
   with the signal that ended it.
+- A stage's own helper process, its MLflow worker (pipeline/tracking.py), is forked by the same
+  server with mlflow already imported (`spawn`). It dies with the stage.
 - The first stage that imports torch (`WARM_STAGES`) starts the server when none is running. The
   other stages (prepare, select, compare, focus) use a running server, or run cold in the client
   itself.
