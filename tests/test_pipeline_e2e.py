@@ -270,7 +270,7 @@ def test_exp_run_selecting_init_family_entries_reports_them(repo):
     `dvc exp run -S run=[...]`, train (PiSSA rewrites W0; EVA calibrates on training batches), are evaluated
     and appear in the report with their init time; LoRA is restored, not retrained."""
     path = repo["path"]
-    out = _run(["dvc", "exp", "run", "-S", "run=[lora,pissa,eva]", "-S", "train.distributed.strategy=none",
+    out = _run(["dvc", "exp", "run", "-S", "run=[lora,pissa,eva]", "-S", "variant=lora", "-S", "train.distributed.strategy=none",
                 "-S", "train.distributed.nproc_per_node=1"], path)
     text = out.stdout + out.stderr
     assert "Running stage 'train@pissa-0-1'" in text and "Running stage 'train@eva-0-1'" in text

@@ -10,6 +10,7 @@ a second. Each test uses its own socket folder and stops its servers, even when 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -103,6 +104,17 @@ def _client(work: Path, env: dict, *args: str, extra: dict | None = None, driver
                           timeout=60)
 
 
+@contextlib.contextmanager
+def _running_client(work: Path, env: dict, *args: str):
+    """A client of the probe left running (to be killed or signalled), killed in the end whatever happens."""
+    client = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=work, env=env)
+    try:
+        yield client
+    finally:
+        client.kill()
+        client.wait(10)
+
+
 def _echo(work, env, *args, extra=None) -> dict:
     done = _client(work, env, "echo", *args, extra=extra)
     assert done.returncode == 0, done.stderr
@@ -172,17 +184,13 @@ def test_edited_code_takes_effect_on_the_same_server(warm):
 
 def test_a_client_killed_with_sigkill_takes_the_stage_and_its_children_with_it(warm):
     _, work, env = warm
-    client = subprocess.Popen([sys.executable, "-c", DRIVER, "sleep"], cwd=work, env=env)
-    try:
+    with _running_client(work, env, "sleep") as client:
         assert _wait(lambda: (work / "pids.json").exists() and (work / "pids.json").read_text().endswith("]"))
         stage, grandchild = json.loads((work / "pids.json").read_text())
         assert _alive(stage) and _alive(grandchild)
         client.kill()
         client.wait(10)
         assert _wait(lambda: not _alive(stage) and not _alive(grandchild)), "the stage outlived its client"
-    finally:
-        client.kill()
-        client.wait(10)
 
 
 def test_a_stage_forks_its_helper_from_the_same_server_and_it_dies_with_the_stage(warm):
@@ -194,44 +202,32 @@ def test_a_stage_forks_its_helper_from_the_same_server_and_it_dies_with_the_stag
     assert reply["parent"] == out["server"] and reply["pid"] == out["helper"] != out["me"]
     assert reply["name"] == "__main__" and reply["preloaded"] and reply["path0"] != str(work)  # run as `python -P`
     assert out["code"] == 5
-    client = subprocess.Popen([sys.executable, "-c", DRIVER, "spawn", "hang"], cwd=work, env=env)
-    try:
+    with _running_client(work, env, "spawn", "hang") as client:
         assert _wait(lambda: (work / "helper_pid").exists() and (work / "helper_pid").read_text())
         helper = int((work / "helper_pid").read_text())
         assert _alive(helper)
         client.kill()
         assert _wait(lambda: not _alive(helper)), "the helper outlived the stage that spawned it"
-    finally:
-        client.kill()
-        client.wait(10)
 
 
 def test_sigterm_to_the_client_reaches_the_stage(warm):
     _, work, env = warm
-    client = subprocess.Popen([sys.executable, "-c", DRIVER, "term"], cwd=work, env=env)
-    try:
+    with _running_client(work, env, "term") as client:
         assert _wait(lambda: (work / "ready").exists())
         client.send_signal(signal.SIGTERM)
         assert client.wait(10) == 7
         assert (work / "got_term").read_text() == str(int(signal.SIGTERM))
-    finally:
-        client.kill()
-        client.wait(10)
 
 
 def test_stop_servers_kills_a_busy_server_and_the_stage_it_runs(warm):
     folder, work, env = warm
-    client = subprocess.Popen([sys.executable, "-c", DRIVER, "sleep"], cwd=work, env=env)
-    try:
+    with _running_client(work, env, "sleep") as client:
         assert _wait(lambda: (work / "pids.json").exists() and (work / "pids.json").read_text().endswith("]"))
         stage, _ = json.loads((work / "pids.json").read_text())
         killed = stop_servers(folder, timeout=1)
         assert len(killed) == 1
         assert _wait(lambda: not _alive(stage))
         assert client.wait(10) != 0  # the stage did not finish, and its client says so
-    finally:
-        client.kill()
-        client.wait(10)
     assert not list(folder.glob("*.pid"))
 
 
