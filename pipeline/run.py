@@ -72,7 +72,6 @@ PRELOAD = ("numpy", "yaml", "torch", "torch.nn.functional", "safetensors.torch",
            "mlflow.tracking", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store")
 
 
-
 def preload_modules() -> tuple[str, ...]:
     """`PRELOAD`, or the comma-separated modules of LORA_WARM_PRELOAD (e.g. to add another model
     architecture's transformers module; empty: none)."""
@@ -89,7 +88,6 @@ SERVER_KEY_IGNORED_PREFIXES = ("DVC_",)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 MAX_FDS = 16  # descriptors one request may pass
 START_TIMEOUT = 120.0  # seconds a client waits for a new server's imports before it runs the stage cold
-_HEADER = 4  # bytes of a message's length prefix
 
 
 class WarmUnavailable(RuntimeError):
