@@ -51,7 +51,8 @@ def _run(args, cwd, check=True, timeout=TIMEOUT, env=None):
 
 def _params(model_dir: Path, uri: str | None) -> dict:
     root = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = small_pipeline_params(root, model_dir, {name: {} for name in RUN}, steps=3)
+    # 40 steps keep a training cell's MLflow run open for a few seconds, long enough for _Killer to see it
+    params = small_pipeline_params(root, model_dir, {name: {} for name in RUN}, steps=40, eval_interval=10)
     params.update(seeds=SEEDS, lr_grid=[1])
     params["tracking"] = {**params["tracking"], "uri": uri, "enabled": uri is not None}
     return params
@@ -202,27 +203,33 @@ class _Killer(threading.Thread):
         args = cmd[cmd.index("pipeline.run") + 2:]
         return args[0], args[args.index("--seed") + 1], args[args.index("--lr-multiple") + 1]
 
-    def _find(self, running: set[tuple[str, str, str]]):
-        """A training process whose MLflow run is RUNNING (a cell that has not opened its run yet would
-        leave nothing behind to remove), and the Ray worker above it."""
+    def _training_cells(self) -> dict[tuple[str, str, str], tuple[list[str], psutil.Process]]:
+        """Each training cell whose stage runs now in a cell's checkout under `workdir`: its command and
+        the Ray worker above it."""
+        found = {}
         for proc in psutil.process_iter(["cmdline", "cwd"]):
             try:
                 cmd = proc.info["cmdline"] or []
                 cell = self._cell(cmd)
-                if cell is not None and str(self.workdir) in (proc.info["cwd"] or "") and cell in running:
+                if cell is not None and str(self.workdir) in (proc.info["cwd"] or ""):
                     for parent in proc.parents():
                         if (parent.cmdline() or [""])[0].startswith("ray::"):
-                            return cmd, parent
+                            found[cell] = (cmd, parent)
             except psutil.Error:
                 continue
-        return None
+        return found
 
     def run(self):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
+        # A training cell's run is open for ~2-3 s (40 steps, see _params): look often, on this machine
+        # first (cheap), and ask the server only while a training stage runs.
         while not self.stop.is_set() and self.killed is None:
-            time.sleep(0.5)
+            time.sleep(0.1)
+            cells = self._training_cells()
+            if not cells:
+                continue
             try:
                 exp = client.get_experiment_by_name("lora-variants")
                 runs = exp and client.search_runs([exp.experiment_id], "tags.stage = 'train' and "
@@ -231,11 +238,14 @@ class _Killer(threading.Thread):
                 continue
             running = {(r.data.tags.get("variant"), r.data.tags.get("seed"), r.data.tags.get("lr_multiple"))
                        for r in runs or []}
-            found = self._find(running) if running else None
-            if found:
-                cmd, worker = found
-                worker.send_signal(signal.SIGKILL)
-                self.killed = "train@{}-{}-{}".format(*self._cell(cmd))
+            for cell in sorted(running & set(cells)):
+                cmd, worker = cells[cell]
+                try:
+                    worker.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    continue  # the cell ended between the two looks
+                self.killed = "train@{}-{}-{}".format(*cell)
+                break
 
 
 @pytest.fixture(scope="module")
