@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import random
+import resource
 import statistics
 import sys
 import time
@@ -56,12 +58,15 @@ class Runner:
     label: str
     step: Callable[[], None]
     times: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)  # minor page faults of the process during each timed step
 
     def run(self, record: bool = True) -> None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = clock()
         self.step()
         if record:
             self.times.append(clock() - started)
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     @property
     def median_ms(self) -> float:
@@ -77,6 +82,14 @@ def paired_spread(a: Runner, b: Runner) -> tuple[float, float]:
     """(min, max) over rounds of the same-round ratio a / b."""
     ratios = [x / y for x, y in zip(a.times, b.times, strict=True)]
     return min(ratios), max(ratios)
+
+
+def median_interval(a: Runner, b: Runner, draws: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median same-round ratio a / b (rounds resampled; fixed seed)."""
+    ratios = [x / y for x, y in zip(a.times, b.times, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def spec_for(name: str, **options) -> variants.AdapterSpec:
@@ -235,6 +248,11 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
             theirs = by_label.get(f"peft {name}")
             if theirs is not None:
                 print(f"  {name}: per-round ours/PEFT " + " ".join(f"{a / b:.3f}" for a, b in zip(ours.times, theirs.times, strict=True)))
+                low, high = median_interval(ours, theirs)
+                print(f"  {name}: median ours/PEFT {paired_ratio(ours, theirs):.3f}, 95% bootstrap interval "
+                      f"{low:.3f}–{high:.3f} over {len(ours.times)} rounds")
+            print(f"  {name}: minor page faults per step (median): "
+                  + ", ".join(f"{r.label} {statistics.median(r.faults):,.0f}" for r in (ours, theirs, floor) if r))
             rows.append({
                 "model": title, "variant": name, "ours_ms": ours.median_ms,
                 "peft_ms": theirs.median_ms if theirs else None, "floor_ms": floor.median_ms,
