@@ -28,7 +28,6 @@ import argparse
 import copy
 import gc
 import random
-import resource
 import statistics
 import sys
 import time
@@ -58,15 +57,12 @@ class Runner:
     label: str
     step: Callable[[], None]
     times: list[float] = field(default_factory=list)
-    faults: list[int] = field(default_factory=list)  # minor page faults of the process during each timed step
 
     def run(self, record: bool = True) -> None:
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = clock()
         self.step()
         if record:
             self.times.append(clock() - started)
-            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     @property
     def median_ms(self) -> float:
@@ -251,8 +247,6 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
                 low, high = median_interval(ours, theirs)
                 print(f"  {name}: median ours/PEFT {paired_ratio(ours, theirs):.3f}, 95% bootstrap interval "
                       f"{low:.3f}–{high:.3f} over {len(ours.times)} rounds")
-            print(f"  {name}: minor page faults per step (median): "
-                  + ", ".join(f"{r.label} {statistics.median(r.faults):,.0f}" for r in (ours, theirs, floor) if r))
             rows.append({
                 "model": title, "variant": name, "ours_ms": ours.median_ms,
                 "peft_ms": theirs.median_ms if theirs else None, "floor_ms": floor.median_ms,

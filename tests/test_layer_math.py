@@ -171,51 +171,6 @@ def test_vera_layers_reading_one_input_form_its_projection_once_in_backward(monk
         assert (g - w).abs().max().item() < 1e-12 * max(1.0, w.abs().max().item())
 
 
-def test_vera_kept_weight_reuses_one_buffer_per_layer_and_never_one_a_graph_still_holds(monkeypatch):
-    """MERGED_KEPT saves W_eff for backward in a buffer the layer reuses from step to step (no fresh
-    page-faulting allocation per step), and takes another buffer while a graph still holds the first:
-    two forwards before one backward, and a graph kept for a second backward, give the reference's
-    gradients. A forward without backward (evaluation) drops the layer's buffers."""
-    monkeypatch.setattr(functional, "vera_plan", lambda *args: functional.MERGED_KEPT)
-    layer = adapter_layer("vera", base_layer("linear"))
-    gen = torch.Generator().manual_seed(7)
-    xs = [torch.randn(4, 10, IN, generator=gen, dtype=torch.float64) for _ in range(3)]
-    tensors = [layer.lambda_b, layer.lambda_d]
-
-    def grads(forward, *inputs, twice=False):
-        for t in tensors:
-            t.grad = None
-        outs = [forward(x) for x in inputs]
-        loss = sum(((o * o).sum() for o in outs), torch.zeros((), dtype=torch.float64))
-        loss.backward(retain_graph=twice)
-        if twice:
-            forward(xs[2]).sum().backward()  # a forward while the kept graph holds its buffer
-            for t in tensors:
-                t.grad = None
-            loss.backward()
-        return [t.grad.clone() for t in tensors]
-
-    def pool():
-        return functional._SCRATCH.kept.get(layer, [])
-
-    grads(layer, xs[0])
-    first = [b.data_ptr() for b in pool()]
-    grads(layer, xs[1])
-    assert len(first) == 1 and [b.data_ptr() for b in pool()] == first  # the same buffer, step after step
-
-    for inputs, twice in (((xs[0], xs[1]), False), ((xs[0],), True)):
-        got = grads(layer, *inputs, twice=twice)
-        want = grads(layer.reference_forward, *inputs, twice=twice)
-        assert len({b.data_ptr() for b in pool()}) == 2  # the second graph got its own buffer
-        for g, w in zip(got, want, strict=True):
-            assert (g - w).abs().max().item() < 1e-12 * max(1.0, w.abs().max().item())
-
-    with torch.no_grad():
-        monkeypatch.setattr(functional, "vera_plan", lambda *args: functional.MERGED)
-        layer(xs[0])
-    assert pool() == []
-
-
 @pytest.mark.parametrize("tokens", [FACTORED, MERGED], ids=["factored", "merged"])
 def test_vera_layer_runs_under_inference_mode(tokens):
     """Inference tensors have no version counter: the shared x Aᵀ is then formed per call, not kept."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -72,53 +71,6 @@ def scratch(slot: int, shape: tuple[int, int], like: torch.Tensor) -> torch.Tens
         cache[base_key] = buf
     view = cache[key] = buf[:need].view(shape)
     return view
-
-
-# How many buffers one layer reuses for a tensor it keeps for backward (`kept_buffer`): one per graph
-# alive at once (a training step holds one; two forwards before one backward hold two).
-KEPT_POOL_SIZE = 2
-# The reference count of a tensor's storage (private, present in torch 2.x): how `kept_buffer` tells a
-# buffer that a live autograd graph still holds from a free one. Without it nothing is reused.
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def kept_buffer(owner: object, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (shape) tensor that `owner` (a layer) keeps from forward for its backward.
-
-    Unlike `scratch`, the tensor outlives the call, so it cannot be shared between layers. It is a
-    fresh view of a buffer the owner reuses step after step (CPU only; elsewhere it is a plain
-    allocation). A fresh allocation of this size costs page faults each time it is touched again:
-    about 0.6 ms for a 1536 x 576 float32 matrix, against 0.2 ms to fill it warm. A buffer is reused
-    only when no tensor but the pool's own refers to its storage: the views handed out earlier have
-    all been released, by their graph's backward (without retain_graph) or with the graph itself. So a
-    second forward before the first backward, or a graph kept for a second backward, gets another
-    buffer, never one still in use. The pool is per thread and per owner (weakly held: it goes with
-    the layer) and `release_kept_buffers` drops it.
-    """
-    if like.device.type != "cpu" or _storage_use_count is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    pools = getattr(_SCRATCH, "kept", None)
-    if pools is None:
-        pools = _SCRATCH.kept = weakref.WeakKeyDictionary()
-    pool = pools.setdefault(owner, [])
-    for i, buf in enumerate(pool):
-        # 2: the pool's tensor, and the temporary storage object this check creates
-        if _storage_use_count(buf.untyped_storage()._cdata) <= 2:
-            if buf.shape == shape and buf.dtype == like.dtype:
-                return buf.view(shape)
-            del pool[i]  # a free buffer of another shape or dtype: replaced below
-            break
-    buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if len(pool) < KEPT_POOL_SIZE:
-        pool.append(buf)
-    return buf.view(shape)
-
-
-def release_kept_buffers(owner: object) -> None:
-    """Drop the buffers `kept_buffer` holds for `owner` in this thread (views still in use stay valid)."""
-    pools = getattr(_SCRATCH, "kept", None)
-    if pools is not None:
-        pools.pop(owner, None)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -486,8 +438,7 @@ class _VeRALinear(torch.autograd.Function):
             y = _as(linear_native(x2, w, bias, fifo), cdt).addcmul_(p, lb).to(x.dtype)
         else:
             keep = plan == MERGED_KEPT
-            out = kept_buffer(layer, _weight_shape(layer), w) if keep else scratch(0, _weight_shape(layer), w)
-            w_eff = _vera_merged_native(w, lb, ld, A_, B_, fifo, out=out)
+            w_eff = _vera_merged_native(w, lb, ld, A_, B_, fifo, out=None if keep else scratch(0, _weight_shape(layer), w))
             kept = w_eff if keep else None
             y = linear_native(x2, w_eff, bias, fifo)
         ctx.save_for_backward(xd2 if xa is None else None, lam_b, lam_d, A, B, kept, xa, p)
@@ -559,8 +510,6 @@ def vera_linear(layer, x, xd, lam_b, lam_d, A, B) -> torch.Tensor:
     if xd is None and cdt == x.dtype:  # a merged W_eff in x's dtype would round ΔW to it
         tokens = x.numel() // x.shape[-1]
         plan = vera_plan(tokens, layer.in_features, layer.out_features, A.shape[0], with_backward)
-    if plan != MERGED_KEPT:
-        release_kept_buffers(layer)  # evaluation, or another batch shape: W_eff's buffers are not needed
     # only the backward uses it (and inference tensors, which have no version counter, have no backward)
     shared_input = xd is None and with_backward and input_read_before(x)
     return _VeRALinear.apply(x, xd, lam_b, lam_d, A, B, layer, plan, cdt, shared_input)
