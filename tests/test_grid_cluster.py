@@ -203,9 +203,9 @@ class _Killer(threading.Thread):
         args = cmd[cmd.index("pipeline.run") + 2:]
         return args[0], args[args.index("--seed") + 1], args[args.index("--lr-multiple") + 1]
 
-    def _training_cells(self) -> dict[tuple[str, str, str], tuple[list[str], psutil.Process]]:
-        """Each training cell whose stage runs now in a cell's checkout under `workdir`: its command and
-        the Ray worker above it."""
+    def _training_cells(self) -> dict[tuple[str, str, str], psutil.Process]:
+        """Each training cell whose stage runs now in a cell's checkout under `workdir`, with the Ray
+        worker above it."""
         found = {}
         for proc in psutil.process_iter(["cmdline", "cwd"]):
             try:
@@ -214,7 +214,7 @@ class _Killer(threading.Thread):
                 if cell is not None and str(self.workdir) in (proc.info["cwd"] or ""):
                     for parent in proc.parents():
                         if (parent.cmdline() or [""])[0].startswith("ray::"):
-                            found[cell] = (cmd, parent)
+                            found[cell] = parent
             except psutil.Error:
                 continue
         return found
@@ -239,9 +239,8 @@ class _Killer(threading.Thread):
             running = {(r.data.tags.get("variant"), r.data.tags.get("seed"), r.data.tags.get("lr_multiple"))
                        for r in runs or []}
             for cell in sorted(running & set(cells)):
-                cmd, worker = cells[cell]
                 try:
-                    worker.send_signal(signal.SIGKILL)
+                    cells[cell].send_signal(signal.SIGKILL)
                 except psutil.NoSuchProcess:
                     continue  # the cell ended between the two looks
                 self.killed = "train@{}-{}-{}".format(*cell)
