@@ -69,20 +69,25 @@ class Runner:
         return 1000 * statistics.median(self.times)
 
 
+def paired_ratios(a: Runner, b: Runner) -> list[float]:
+    """a's time / b's time, round by round (paired: drift cancels)."""
+    return [x / y for x, y in zip(a.times, b.times, strict=True)]
+
+
 def paired_ratio(a: Runner, b: Runner) -> float:
-    """Median over rounds of a's time / b's time in the same round (paired: drift cancels)."""
-    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
+    """Median over rounds of the same-round ratio a / b."""
+    return statistics.median(paired_ratios(a, b))
 
 
 def paired_spread(a: Runner, b: Runner) -> tuple[float, float]:
     """(min, max) over rounds of the same-round ratio a / b."""
-    ratios = [x / y for x, y in zip(a.times, b.times, strict=True)]
+    ratios = paired_ratios(a, b)
     return min(ratios), max(ratios)
 
 
 def median_interval(a: Runner, b: Runner, draws: int = 2000) -> tuple[float, float]:
     """95% bootstrap interval of the median same-round ratio a / b (rounds resampled; fixed seed)."""
-    ratios = [x / y for x, y in zip(a.times, b.times, strict=True)]
+    ratios = paired_ratios(a, b)
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
     return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
@@ -243,7 +248,7 @@ def measure(title: str, base, batch, names: list[str], rounds: int, warmup: int,
             ours = by_label[f"ours {name}"]
             theirs = by_label.get(f"peft {name}")
             if theirs is not None:
-                print(f"  {name}: per-round ours/PEFT " + " ".join(f"{a / b:.3f}" for a, b in zip(ours.times, theirs.times, strict=True)))
+                print(f"  {name}: per-round ours/PEFT " + " ".join(f"{v:.3f}" for v in paired_ratios(ours, theirs)))
                 low, high = median_interval(ours, theirs)
                 print(f"  {name}: median ours/PEFT {paired_ratio(ours, theirs):.3f}, 95% bootstrap interval "
                       f"{low:.3f}–{high:.3f} over {len(ours.times)} rounds")
