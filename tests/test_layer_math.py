@@ -171,6 +171,40 @@ def test_vera_layers_reading_one_input_form_its_projection_once_in_backward(monk
         assert (g - w).abs().max().item() < 1e-12 * max(1.0, w.abs().max().item())
 
 
+def test_merged_vera_keeps_the_projected_input_not_the_input(monkeypatch):
+    """A merged VeRA layer forms x Aᵀ (T x r) in forward and keeps it for H = gᵀ x Aᵀ, instead of
+    keeping x (T x in) and forming x Aᵀ again in backward; gradients still equal the reference."""
+    layer = adapter_layer("vera", base_layer("linear"))
+    tokens = 40
+    assert functional.vera_plan(tokens, IN, OUT, R, True) == functional.MERGED_KEPT
+    assert functional.lambda_grad_route(tokens, IN, OUT, R, projection_shared=False) == "projected"
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(tokens, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(tokens, OUT, generator=gen, dtype=torch.float64)
+
+    def grads(forward, xx):
+        (forward(xx) * g).sum().backward()
+        out = [xx.grad, layer.lambda_b.grad, layer.lambda_d.grad]
+        layer.zero_grad(set_to_none=True)
+        return out
+
+    want = grads(layer.reference_forward, x.clone().requires_grad_())
+    saved = []
+    xx = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(xx)
+    assert not any(t.untyped_storage().data_ptr() == xx.untyped_storage().data_ptr() for t in saved)
+    assert any(t.shape == (tokens, R) for t in saved)
+    formed = []
+    real = functional.projected_input
+    monkeypatch.setattr(functional, "projected_input", lambda A_, x2: formed.append(real(A_, x2)) or formed[-1])
+    (y * g).sum().backward()
+    got = [xx.grad, layer.lambda_b.grad, layer.lambda_d.grad]
+    assert formed == []  # backward used the kept product
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max().item() < 1e-12 * max(1.0, b.abs().max().item())
+
+
 @pytest.mark.parametrize("tokens", [FACTORED, MERGED], ids=["factored", "merged"])
 def test_vera_layer_runs_under_inference_mode(tokens):
     """Inference tensors have no version counter: the shared x Aᵀ is then formed per call, not kept."""

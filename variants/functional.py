@@ -359,8 +359,9 @@ def vera_plan(tokens: int, in_features: int, out_features: int, rank: int, with_
     factored     y = y0 + λ_b ⊙ ((λ_d ⊙ x Aᵀ) Bᵀ), keeping x Aᵀ and (λ_d ⊙ x Aᵀ) Bᵀ for backward as
                  PEFT's autograd does: forward T·(in+out), backward T·(in+out) (∂λ from the kept products,
                  ∂x = ((g ⊙ λ_b) B ⊙ λ_d) A).
-    merged_kept  W_eff = W0 + Λ_b B Λ_d A (out·in) kept for ∂x = g W_eff; backward forms H = gᵀ (x Aᵀ)
-                 for ∂λ (T·(in+out)). Only where W_eff is no larger than what `factored` keeps, T·(r+out).
+    merged_kept  W_eff = W0 + Λ_b B Λ_d A (out·in) kept for ∂x = g W_eff; forward forms x Aᵀ (kept instead
+                 of x), backward H = gᵀ (x Aᵀ) for ∂λ (T·(in+out)). Only where W_eff is no larger than what
+                 `factored` keeps, T·(r+out).
     merged       the same, W_eff rebuilt in backward instead of kept (out·in more).
     """
     if not with_backward:
@@ -441,6 +442,13 @@ class _VeRALinear(torch.autograd.Function):
             w_eff = _vera_merged_native(w, lb, ld, A_, B_, fifo, out=None if keep else scratch(0, _weight_shape(layer), w))
             kept = w_eff if keep else None
             y = linear_native(x2, w_eff, bias, fifo)
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+                # x Aᵀ for H is formed now, while x is still in cache, and kept (T x r) instead of x
+                # (T x in); the first layer of a group, when H = (gᵀ x) Aᵀ is cheaper for it alone,
+                # keeps x and decides in backward (see `lambda_grad_route`).
+                shared = shared_input or projection_cached(A_, xd2)
+                if lambda_grad_route(x2.shape[0], A_.shape[1], B_.shape[0], A_.shape[0], shared) == "projected":
+                    xa = projected_input(A_, xd2).t()
         ctx.save_for_backward(xd2 if xa is None else None, lam_b, lam_d, A, B, kept, xa, p)
         ctx.layer, ctx.plan, ctx.shared, ctx.cdt, ctx.shared_input = layer, plan, xd is None, cdt, shared_input
         return _unflat(y, x)
@@ -483,9 +491,10 @@ class _VeRALinear(torch.autograd.Function):
             # Both gradients come from H = gᵀ x Aᵀ (out x r):
             #   ∂L/∂λ_b[o] = Σ_k H[o,k] B[o,k] λ_d[k],    ∂L/∂λ_d[k] = Σ_o H[o,k] B[o,k] λ_b[o].
             h = scratch(_VERA_H, (out_f, r), gc)
+            if xa is not None:  # formed in forward
+                torch.mm(gc.t(), xa, out=h)
             # x Aᵀ is shared when another layer read this input (the flag) or has already formed it
-            shared = ctx.shared_input or projection_cached(A_, xd2)
-            if lambda_grad_route(tokens, in_f, out_f, r, shared) == "projected":
+            elif lambda_grad_route(tokens, in_f, out_f, r, ctx.shared_input or projection_cached(A_, xd2)) == "projected":
                 torch.mm(gc.t(), projected_input(A_, xd2).t(), out=h)
             else:
                 torch.mm(torch.mm(gc.t(), xd2, out=scratch(1, (out_f, in_f), gc)), A_.t(), out=h)
