@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or process CPU time (robust to other load; use with --threads 1)")
-    parser.add_argument("--cold", action="store_true", help="flush the CPU caches before each timed call")
+    parser.add_argument("--cold", action="store_true", help="flush the CPU caches before each forward and between forward and backward")
     parser.add_argument("--flush-mib", type=int, default=1024,
                         help="size of the buffer --cold passes over (larger than the last-level cache)")
     args = parser.parse_args()
@@ -88,7 +88,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     projections = VeRAProjections(args.r, 1536, 1536, key=0)
     flush = cache_flusher(args.flush_mib) if args.cold else (lambda keep_warm: None)
-    print(f"caches {'flushed before each call' if args.cold else 'warm'}, {args.tokens} tokens, r = {args.r}\n")
+    print(f"caches {'flushed before forward and before backward' if args.cold else 'warm'}, {args.tokens} tokens, r = {args.r}\n")
     print("| layers | ours ms | PEFT ms | floor ms | ours/PEFT median (min–max) |\n|---|---:|---:|---:|---:|")
     totals = dict.fromkeys(("ours", "peft", "floor"), 0.0)
     for name, shapes in GROUPS.items():
