@@ -20,6 +20,10 @@ SoRA have no PEFT implementation (ours/floor only). QLoRA's PEFT side is PEFT's 
 bitsandbytes' Linear4bit layers (NF4 + double quantization), AdaLoRA's calls PEFT's
 update_and_allocate every step as ours does. LoftQ trains exactly like QLoRA; what it adds is
 its initialisation, timed separately.
+
+Two runs of this script an hour apart differ by more than a 1-3% change of our code; to measure such a
+change to `variants/functional.py`, `bench/ab_functional.py` trains it against an earlier revision of the
+file in one process, round by round.
 """
 
 from __future__ import annotations
