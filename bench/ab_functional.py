@@ -42,11 +42,12 @@ def baseline_functional(rev: str):
                                 capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as err:
         raise SystemExit(f"cannot read variants/functional.py at revision {rev!r}: {err.stderr.strip()}") from None
-    path = Path(tempfile.mkdtemp(prefix="ab_functional_")) / "functional_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("functional_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="ab_functional_") as folder:  # the loaded module needs no file
+        path = Path(folder) / "functional_baseline.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("functional_baseline", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
